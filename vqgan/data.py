@@ -1,0 +1,450 @@
+"""Image data for tokenizer training: decode what PIL can read, skip what it cannot, crop to (3, S, S).
+
+Every item is a float tensor (3, S, S) in [-1, 1], the range inside the models. Three sources:
+"embedded" (photographs that ship with scikit-image, so a fresh machine without network can train), a
+HuggingFace hub dataset name ("cifar10"), or a local folder of images (read with the `imagefolder`
+builder). Images are decoded here, not by `datasets`, so that one corrupt or truncated file costs one
+item, counted and named in the batch, instead of killing an epoch.
+
+Randomness is a pure function of (seed, epoch, index): the sampler yields keys `epoch * n + i` and the
+dataset seeds each item's crop and flip from its key. Order and crops are therefore the same with 0 or 8
+workers, and a resumed run that calls `set_epoch` and skips the consumed batches sees the same data.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from torchvision.transforms.v2 import functional as TF
+
+from vqgan.utils import images_to_model_range
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+
+# RGB photographs in the scikit-image wheel itself (no pooch download), checked with skimage 0.26 offline.
+# Left out: cat (the same pixels as chelsea), camera (grayscale), colorwheel and logo (not photographs).
+EMBEDDED_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "motorcycle", "retina", "rocket",
+)
+# Whole photographs held out of training, so eval reconstructions are of images the model never saw.
+EMBEDDED_EVAL = ("coffee", "rocket")
+
+# How many headers the crop-size check reads at most: enough to catch a misconfiguration, cheap on ImageNet.
+SIZE_SCAN_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "embedded" | a HuggingFace hub dataset name ("cifar10") | a local folder of images (imagefolder).
+    source: str = "embedded"
+    # Split of the source used for training (for a folder: "train" unless it has train/test subfolders).
+    split: str = "train"
+    # Split of the source used for evaluation; None: hold `num_eval_images` rows out of `split` instead.
+    eval_split: str | None = None
+    # Column holding the images (cifar10 calls it "img").
+    image_column: str = "image"
+    # Column of integer class labels to return as batch["labels"] (a folder with class subfolders: "label").
+    label_column: str | None = None
+    # Side S of the square crops the model sees.
+    image_size: int = 256
+    # Resize the shorter side to this before cropping (taming-transformers: = image_size); None = native scale.
+    resize: int | None = None
+    # Training crops at a random position; False: centre crops. Eval always uses centre crops.
+    random_crop: bool = True
+    # Flip training crops left-right with probability 1/2. Eval never flips.
+    hflip: bool = True
+    # DataLoader worker processes; 0 decodes in the main process.
+    num_workers: int = 0
+    # Train on a fixed random subset of this many rows (the same subset every run); None = all.
+    max_images: int | None = None
+    # Cap on eval images; with eval_split None, this many rows of `split` are held out for eval.
+    num_eval_images: int | None = None
+    # "embedded" only: random crops drawn per training photo per epoch, so an epoch has a useful length.
+    embedded_repeats: int = 32
+    # Where `datasets` caches hub downloads and imagefolder indexes; None = its default (~/.cache).
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"resize={self.resize} is smaller than image_size={self.image_size}: a {self.image_size}-px crop "
+                f"cannot fit in an image whose shorter side is {self.resize}"
+            )
+        for name in ("max_images", "num_eval_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or at least 1, got {value}")
+        if self.embedded_repeats < 1:
+            raise ValueError(f"embedded_repeats must be at least 1, got {self.embedded_repeats}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: transparency composited on white, 16-bit and float data rescaled, not clipped."""
+    mode = image.mode
+    if mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit): 16-bit data, 65535 -> 255
+        # NOTE: Pillow's own convert("L") clips these at 255, turning most 16-bit images white.
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257.0
+        return _gray_to_rgb(values)
+    if mode == "F":  # floats: [0, 1] data is scaled to [0, 255], anything else is taken as [0, 255]
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        return _gray_to_rgb(values * 255.0 if values.max(initial=0.0) <= 1.0 else values)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P") or "transparency" in image.info:
+        # White, not dropping alpha: pixels under alpha 0 hold arbitrary colours (often black or garbage),
+        # and a transparent background is shown on white by nearly every viewer. P goes through RGBA so that
+        # a palette's transparent index is honoured.
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)  # (H, W, 4)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+    return image.convert("RGB")  # RGB (a copy), 1, L, CMYK, YCbCr, LAB, HSV
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.round(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def _open(image: dict[str, Any]) -> Image.Image:
+    """Lazy PIL image from a `datasets.Image(decode=False)` cell ({"bytes", "path"}); reads only the header."""
+    if image.get("bytes") is not None:
+        return Image.open(io.BytesIO(image["bytes"]))
+    if image.get("path"):
+        return Image.open(image["path"])
+    raise ValueError(f"image cell has neither bytes nor a path: {image!r}")
+
+
+def decode_image(image: dict[str, Any]) -> Image.Image:
+    """Fully decoded, upright RGB image; raises (OSError, ValueError, ...) on a corrupt or truncated file."""
+    with _open(image) as pil:
+        pil.load()  # NOTE: the decode happens here; truncated files raise here (LOAD_TRUNCATED_IMAGES stays off)
+        return to_rgb(ImageOps.exif_transpose(pil))  # camera JPEGs store rotation as an EXIF tag
+
+
+def crop_to_tensor(
+    image: Image.Image, size: int, resize: int | None, random_crop: bool, hflip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """RGB image -> (3, size, size) float in [-1, 1]: resize the shorter side, crop, maybe flip."""
+    pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8
+    short = min(pixels.shape[-2:])
+    # NOTE: with resize None an image smaller than the crop is scaled up to fit, not skipped: build_dataset
+    # has already checked that some images are large enough, so these are rare stragglers.
+    target = resize if resize is not None else (size if short < size else None)
+    if target is not None and target != short:
+        pixels = TF.resize(pixels, [target], antialias=True)  # shorter side -> target
+    height, width = pixels.shape[-2:]
+    if random_crop:
+        top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        pixels = TF.crop(pixels, top, left, size, size)
+    else:
+        pixels = TF.center_crop(pixels, [size, size])
+    if hflip and rng.random() < 0.5:
+        pixels = TF.horizontal_flip(pixels)
+    return images_to_model_range(TF.to_dtype(pixels, torch.float32, scale=True))  # (3, S, S) in [-1, 1]
+
+
+# ----------------------------------------------------------------------------- dataset, sampler, collate
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """What the dataset returns in place of an image it could not read; the collate function drops it."""
+
+    name: str  # the file path, or "<source> [<split>] row <i>" for images stored inside a dataset
+    error: str
+
+
+_warned: set[str] = set()  # per process: each worker warns about a bad file once
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset of {"image": (3, S, S) in [-1, 1], "label": int}; a key k >= len means epoch k // len."""
+
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        description: str,
+        image_size: int,
+        resize: int | None,
+        random_crop: bool,
+        hflip: bool,
+        image_column: str = "image",
+        label_column: str | None = None,
+        repeats: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.table, self.description = table, description
+        self.image_size, self.resize, self.random_crop, self.hflip = image_size, resize, random_crop, hflip
+        self.image_column, self.label_column = image_column, label_column
+        self.repeats, self.seed = repeats, seed
+
+    def __len__(self) -> int:
+        return len(self.table) * self.repeats
+
+    def __repr__(self) -> str:
+        repeats = f" x {self.repeats} crops" if self.repeats > 1 else ""
+        crop = "random" if self.random_crop else "centre"
+        return (
+            f"ImageDataset({self.description}: {len(self.table)} images{repeats} = {len(self)} samples, "
+            f"resize={self.resize}, {crop} {self.image_size}px crops, hflip={self.hflip}, (3, S, S) in [-1, 1])"
+        )
+
+    def _name(self, cell: dict[str, Any], row: int) -> str:
+        """The file's path, or where in the table an image stored as bytes sits."""
+        if cell.get("bytes") is None and cell.get("path"):
+            return cell["path"]
+        return f"{self.description} row {row}" + (f" ({cell['path']})" if cell.get("path") else "")
+
+    def __getitem__(self, key: int) -> dict[str, Any] | BadItem:
+        row = (key % len(self)) % len(self.table)
+        record = self.table[row]
+        cell = record[self.image_column]
+        name = self._name(cell, row)
+        try:
+            image = decode_image(cell)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
+            if name not in _warned:
+                _warned.add(name)
+                logger.warning("skipping unreadable image %s: %s: %s", name, type(err).__name__, err)
+            return BadItem(name, f"{type(err).__name__}: {err}")
+        rng = np.random.default_rng((self.seed, key))  # the crop depends on (seed, epoch, row) only
+        item = {"image": crop_to_tensor(image, self.image_size, self.resize, self.random_crop, self.hflip, rng)}
+        if self.label_column is not None:
+            item["label"] = int(record[self.label_column])
+        return item
+
+
+class EpochSampler(Sampler[int]):
+    """Yields keys epoch * n + i in a (seed, epoch)-determined order; each pass moves to the next epoch."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0) -> None:
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        # accelerate's DataLoaderShard calls this with its epoch counter before every pass.
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1  # a plain DataLoader gets a new epoch every pass
+        if self.shuffle:
+            seed = int(np.random.SeedSequence((self.seed, epoch)).generate_state(1, dtype=np.uint64)[0])
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(self.size)
+        return iter((order + epoch * self.size).tolist())
+
+
+@dataclass(frozen=True)
+class CollateImages:
+    """Stacks the good items and counts the bad ones: {"images", "labels"?, "num_skipped", "skipped"}."""
+
+    image_size: int
+    with_labels: bool
+
+    def __call__(self, items: list[dict[str, Any] | BadItem]) -> dict[str, Any]:
+        good = [item for item in items if not isinstance(item, BadItem)]
+        skipped = [item.name for item in items if isinstance(item, BadItem)]
+        if good:
+            images = torch.stack([item["image"] for item in good])  # (B', 3, S, S)
+        else:
+            images = torch.empty(0, 3, self.image_size, self.image_size)
+        batch = {"images": images, "num_skipped": len(skipped), "skipped": skipped}
+        if self.with_labels:
+            batch["labels"] = torch.tensor([item["label"] for item in good], dtype=torch.long)  # (B',)
+        return batch
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=2)
+def embedded_dataset(split: str = "train") -> datasets.Dataset:
+    """scikit-image's photographs as a `datasets.Dataset` with "image" (PIL) and "name" columns; no network."""
+    if split not in SPLITS:
+        raise ValueError(f"embedded split must be one of {SPLITS}, got {split!r}")
+    import skimage.data  # imported here: it is slow to import and only this source needs it
+
+    names = [n for n in EMBEDDED_PHOTOS if (n in EMBEDDED_EVAL) == (split == "eval")]
+    cells = []
+    for name in names:
+        pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)  # lossless, fast to encode
+        cells.append({"bytes": buffer.getvalue(), "path": f"skimage.data.{name}"})
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": cells, "name": names}, features=features)
+
+
+def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Dataset, str]:
+    """One split of a hub dataset, of a local copy of one (a folder of parquet files) or of an image folder."""
+    folder = Path(config.source).expanduser()
+    args, kwargs = (config.source,), {}
+    if folder.is_dir():
+        suffixes = {p.suffix.lower() for p in folder.rglob("*") if p.is_file()}
+        if ".parquet" in suffixes:  # e.g. a snapshot of the cifar10 hub repository: read like the hub
+            args = (str(folder),)
+        elif suffixes & set(ImageFolder.EXTENSIONS):
+            args, kwargs = ("imagefolder",), {"data_dir": str(folder)}
+        else:
+            raise ValueError(
+                f"image folder {folder} holds no image files (looked for .png, .jpg, .webp, ... recursively) "
+                f"and no .parquet files"
+            )
+    elif config.source.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"image folder {config.source!r} does not exist (a source that looks like a path must be one)")
+    try:
+        table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
+    except Exception as err:  # no network, unknown name or split: say which source and split failed
+        raise RuntimeError(
+            f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
+        ) from err
+    return table, f"{config.source} [{source_split}]"
+
+
+def _subset(table: datasets.Dataset, split: str, config: DataConfig, description: str) -> datasets.Dataset:
+    """Hold out eval rows and apply max_images / num_eval_images with a fixed permutation (same every run)."""
+    order = np.random.default_rng(0).permutation(len(table))  # fixed: the split must not move with the seed
+    if config.source != "embedded" and config.eval_split is None and config.num_eval_images is not None:
+        if config.num_eval_images >= len(table):
+            raise ValueError(
+                f"num_eval_images={config.num_eval_images} held out of {description} would leave no training "
+                f"images: it has only {len(table)} rows"
+            )
+        held_out, rest = order[: config.num_eval_images], order[config.num_eval_images :]
+        order = held_out if split == "eval" else rest
+    limit = config.num_eval_images if split == "eval" else config.max_images
+    if limit is not None and limit < len(order):
+        order = order[:limit]
+    if len(order) == len(table):
+        return table
+    return table.select(np.sort(order))
+
+
+def _check_columns(table: datasets.Dataset, config: DataConfig, description: str) -> datasets.Dataset:
+    columns = [config.image_column] + ([config.label_column] if config.label_column else [])
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{description} has no column {missing[0]!r}; its columns are {table.column_names}")
+    table = table.select_columns(columns)
+    try:  # decode=False: we decode in __getitem__, where a bad file can be skipped
+        return table.cast_column(config.image_column, datasets.Image(decode=False))
+    except Exception as err:
+        feature = table.features[config.image_column]
+        raise ValueError(f"{description} column {config.image_column!r} holds {feature}, not images: {err}") from err
+
+
+def _check_crop_fits(table: datasets.Dataset, column: str, size: int, description: str) -> None:
+    """Fail at start when no image is large enough for the crop; reads headers only, stops at the first fit."""
+    largest, readable, first_error = 0, 0, None
+    scanned = min(len(table), SIZE_SCAN_LIMIT)
+    for row in range(scanned):
+        try:
+            with _open(table[row][column]) as pil:  # PIL reads the header only until .load()
+                short = min(pil.size)
+        except Exception as err:
+            first_error = first_error or f"row {row}: {type(err).__name__}: {err}"
+            continue
+        readable += 1
+        if short >= size:
+            return
+        largest = max(largest, short)
+    if readable == 0:
+        raise ValueError(f"none of the first {scanned} images of {description} could be read ({first_error})")
+    raise ValueError(
+        f"image_size={size} is larger than every image of {description} scanned (largest shorter side: "
+        f"{largest}px in {readable} readable of {scanned} scanned, of {len(table)}); set resize: {size} to scale "
+        f"the shorter side up first, or lower image_size"
+    )
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset:
+    """The "train" (random crops, flips) or "eval" (centre crops) dataset of `config`; checks it at start."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    embedded = config.source == "embedded"
+    if embedded:
+        table, description = embedded_dataset(split), f"embedded [{split}]"
+    else:
+        source_split = config.split if split == "train" or config.eval_split is None else config.eval_split
+        if split == "eval" and config.eval_split is None and config.num_eval_images is None:
+            raise ValueError(
+                f"no eval data for {config.source!r}: set eval_split (e.g. 'test') or num_eval_images to hold out"
+            )
+        table, description = _load_source(config, source_split)
+    if len(table) == 0:
+        raise ValueError(f"{description} has no images")
+    table = _check_columns(_subset(table, split, config, description), config, description)
+    train = split == "train"
+    # Eval of the embedded photos sees each whole photograph scaled to S, not a small crop of a large one.
+    resize = config.resize if train or not embedded else (config.resize or config.image_size)
+    if resize is None:
+        _check_crop_fits(table, config.image_column, config.image_size, description)
+    return ImageDataset(
+        table,
+        description,
+        image_size=config.image_size,
+        resize=resize,
+        random_crop=config.random_crop and train,
+        hflip=config.hflip and train,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        repeats=config.embedded_repeats if embedded and train else 1,
+        seed=seed,
+    )
+
+
+def build_dataloader(
+    config: DataConfig,
+    split: str = "train",
+    batch_size: int = 8,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """Map-style DataLoader of {"images": (B', 3, S, S) in [-1, 1], "labels": (B',) long, "num_skipped": int, ...}.
+
+    B' <= batch_size: unreadable files are dropped (named in batch["skipped"], counted in batch["num_skipped"];
+    sum it over the run to report). shuffle and drop_last default to True for "train", False for "eval".
+    Call `loader.batch_sampler.sampler.set_epoch(epoch)` (or accelerate's `loader.set_epoch`) when resuming.
+    """
+    dataset = build_dataset(config, split, seed=seed)
+    train = split == "train"
+    shuffle = train if shuffle is None else shuffle
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(f"{dataset.description} has {len(dataset)} samples, fewer than batch_size={batch_size}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), shuffle, seed),
+        num_workers=config.num_workers,
+        collate_fn=CollateImages(config.image_size, config.label_column is not None),
+        drop_last=drop_last,
+        # Only seeds the workers' global RNGs, which nothing here draws from; crops come from the item keys.
+        generator=torch.Generator().manual_seed(seed),
+    )
