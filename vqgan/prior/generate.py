@@ -1,0 +1,45 @@
+"""Prior samples -> tokenizer -> images on disk (a PNG grid and one PNG per sample)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from vqgan.export import VQTokenizer
+from vqgan.prior.sampling import SamplingConfig, generator_from_config, sample_prior
+from vqgan.train_utils import save_png_atomic
+
+
+def check_prior_matches_tokenizer(prior: nn.Module, tokenizer: VQTokenizer) -> None:
+    if prior.config.num_codes != tokenizer.num_codes:
+        raise ValueError(f"the prior samples K={prior.config.num_codes} codes but the tokenizer has "
+                         f"K={tokenizer.num_codes}: pair the prior with the tokenizer its tokens came from")
+
+
+@torch.no_grad()
+def generate_images(prior: nn.Module, tokenizer: VQTokenizer, config: SamplingConfig,
+                    labels: int | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (token grids (N, h, w), images (N, 3, H, W) in [0, 1])."""
+    check_prior_matches_tokenizer(prior, tokenizer)
+    device = next(prior.parameters()).device
+    tokens = sample_prior(prior, config, labels=labels, generator=generator_from_config(config, device))
+    images = torch.cat([tokenizer.decode(chunk.to(tokenizer.device)).cpu()
+                        for chunk in tokens.split(config.batch_size)])
+    return tokens, images
+
+
+def save_samples(images: torch.Tensor, tokens: torch.Tensor, out_dir: str | Path, nrow: int | None = None) -> Path:
+    """Write grid.png, sample_NNNN.png each and tokens.json into `out_dir`; returns the grid path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    grid = out_dir / "grid.png"
+    save_png_atomic(images, grid, nrow=nrow)
+    for i, image in enumerate(images):
+        save_png_atomic(image.unsqueeze(0), out_dir / f"sample_{i:04d}.png", nrow=1)
+    (out_dir / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    return grid
