@@ -128,8 +128,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except TypeError as err:  # a required field without a default
-        raise ConfigError(f"{cls.__name__}{' at ' + where if where else ''}: {err}") from None
+    except (TypeError, ValueError) as err:  # a required field without a default, or a failed __post_init__ check
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

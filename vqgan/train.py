@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     progress.close()
     final_model = ema if ema is not None else raw_model
-    summary = {"step": state["step"], "eval": state.get("eval", {}), "skipped_files": state["skipped_files"],
+    summary = {"step": state["step"], "data": config.data.source, "images_seen": state["images_seen"],
+               "metrics": state.get("eval", {}), "skipped_files": state["skipped_files"],
                "nonfinite_steps": state["nonfinite_steps"], "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         from vqgan.export import VQTokenizer
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         VQTokenizer.from_model(final_model, train_summary=summary).save_pretrained(run_dir / "tokenizer")
         summary["tokenizer"] = str(run_dir / "tokenizer")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        eval_metrics = summary["eval"]
+        eval_metrics = summary["metrics"]
         accelerator.print(
             "\n== done ==\n"
             f"steps {state['step']}, held-out PSNR {eval_metrics.get('psnr', math.nan):.2f} dB, "
