@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lecam = lecam.to(accelerator.device)
 
     # --- resume ---
-    state = {"step": 0, "batches_seen": 0, "images_seen": 0, "skipped_files": 0, "nonfinite_steps": 0}
+    state = {"step": 0, "batches_seen": 0, "images_seen": 0, "skipped_files": [], "nonfinite_steps": 0}
     checkpoint_root = run_dir / "checkpoints"
     resume_from = resolve_resume(loop.resume, checkpoint_root)
     if resume_from is not None:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress = tqdm(total=loop.steps, initial=state["step"], disable=not (accelerator.is_main_process and loop.progress_bar),
                     desc="train")
     nonfinite_in_row = 0
-    local_skipped = 0  # unreadable files this process dropped since the last log; summed over processes there
+    local_skipped: set[str] = set()  # unreadable files this process met since the last log; merged there
     window_start, window_images = time.perf_counter(), 0
     logs: dict[str, float] = {}
     while state["step"] < loop.steps:
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if loop.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             state["batches_seen"] += 1
-            local_skipped += int(batch["num_skipped"])
+            local_skipped.update(batch["skipped"])
             if count_anywhere(images.shape[0] == 0, accelerator):
                 continue  # every file of some process's batch was unreadable: all processes skip it together
             with accelerator.accumulate(model, discriminator), accelerator.autocast():
@@ -294,11 +294,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             if step % loop.log_every == 0 or step == loop.steps:
                 elapsed = time.perf_counter() - window_start
-                state["skipped_files"] += count_anywhere(local_skipped, accelerator)
-                local_skipped = 0
+                # distinct files, however many epochs drew them
+                state["skipped_files"] = sorted(set(state["skipped_files"]).union(gather_object(sorted(local_skipped))))
+                local_skipped.clear()
                 logs = {k: float(v) for k, v in g_logs.items()}
                 logs.update(perplexity=float(quant.perplexity), usage=float(quant.usage), lr=sched_g.get_last_lr()[0],
-                            images_per_s=window_images / max(elapsed, 1e-9), skipped_files=state["skipped_files"],
+                            images_per_s=window_images / max(elapsed, 1e-9), skipped_files=len(state["skipped_files"]),
                             nonfinite_steps=state["nonfinite_steps"])
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
                 progress.set_postfix(rec=f"{logs.get('rec', math.nan):.4f}", usage=f"{logs['usage']:.2f}",
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress.close()
     final_model = ema if ema is not None else raw_model
     summary = {"step": state["step"], "data": config.data.source, "images_seen": state["images_seen"],
-               "metrics": state.get("eval", {}), "skipped_files": state["skipped_files"],
+               "metrics": state.get("eval", {}), "train": logs, "skipped_files": len(state["skipped_files"]),
+               "skipped_file_names": state["skipped_files"][:100],
                "nonfinite_steps": state["nonfinite_steps"], "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         from vqgan.export import VQTokenizer
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "\n== done ==\n"
             f"steps {state['step']}, held-out PSNR {eval_metrics.get('psnr', math.nan):.2f} dB, "
             f"codebook usage {eval_metrics.get('usage', math.nan):.1%} of K={config.model.quantizer.num_codes}, "
-            f"skipped files {state['skipped_files']}, non-finite steps {state['nonfinite_steps']}\n"
+            f"unreadable files skipped {len(state['skipped_files'])} {state['skipped_files'][:5]}, non-finite steps {state['nonfinite_steps']}\n"
             f"checkpoints: {checkpoint_root}\nreconstruction grids: {run_dir / 'images'}\n"
             f"tensorboard: tensorboard --logdir {run_dir}\nexported tokenizer: {run_dir / 'tokenizer'}"
         )

@@ -1,0 +1,209 @@
+"""End-to-end training runs on tiny configs: checkpoints, export, exact resume, DDP, bf16, messy data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqgan.checkpoint import list_checkpoints, read_train_state
+from vqgan.export import VQTokenizer
+from vqgan.autoencoder import VQModel
+from vqgan.train import load_train_config, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(run_dir: Path, **sections) -> dict:
+    recipe = {
+        "run_dir": str(run_dir),
+        "model": {"preset": "tiny", "quantizer": {"num_codes": 64}},
+        "discriminator": {"base_channels": 16, "num_layers": 2, "norm": "group"},
+        "loss": {"perceptual_weight": 0.0, "disc_start": 1},
+        "data": {"image_size": 32, "resize": 64, "embedded_repeats": 2, "num_eval_images": 1},
+        "train": {"steps": 4, "batch_size": 4, "log_every": 1, "image_every": 2, "eval_every": 2,
+                  "checkpoint_every": 2, "keep_checkpoints": 5, "tracker": "none", "progress_bar": False,
+                  "mixed_precision": "no", "export_with_checkpoint": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run must start from a clean slate."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run(recipe_path: Path, *overrides: str) -> dict:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return main([str(recipe_path), *overrides])
+
+
+def test_end_to_end_checkpoints_export_and_auto_resume(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", train={"tracker": "tensorboard", "export_with_checkpoint": True})
+    path = write_recipe(tmp_path, recipe)
+    summary = run(path)
+    run_dir = tmp_path / "run"
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert [read_train_state(c)["step"] for c in checkpoints] == [2, 4]
+    for name in ("generator.safetensors", "generator_ema.safetensors", "vqmodel_config.json", "model.safetensors",
+                 "optimizer.bin", "tokenizer/model.safetensors"):
+        assert (checkpoints[-1] / name).is_file(), name
+    assert list((run_dir / "images").glob("reconstructions_*.png"))
+    assert list(run_dir.rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert (run_dir / "config.yaml").is_file() and summary["step"] == 4
+    assert "perceptual term off" not in (run_dir / "config.yaml").read_text()  # weight 0 by choice, no note
+
+    tokenizer = VQTokenizer.from_pretrained(run_dir / "tokenizer")
+    images = torch.rand(2, 3, 32, 32)
+    ids = tokenizer.encode(images)
+    assert ids.shape == (2, 8, 8) and int(ids.max()) < 64
+    assert tokenizer.decode(ids).shape == (2, 3, 32, 32)
+
+    # resume=auto continues from the newest checkpoint instead of starting over
+    summary = run(path, "train.steps=6")
+    assert summary["step"] == 6
+    assert [read_train_state(c)["step"] for c in list_checkpoints(run_dir / "checkpoints")] == [2, 4, 6]
+    assert read_train_state(list_checkpoints(run_dir / "checkpoints")[-1])["batches_seen"] == 6
+
+
+def test_exact_resume_is_bit_identical(tmp_path):
+    """4 steps straight == 2 steps, 'crash', resume from the step-2 checkpoint, 2 more steps."""
+    sections = {
+        "model": {"preset": "tiny", "quantizer": {"num_codes": 64, "kmeans_init": True, "dead_code_threshold": 1}},
+        "data": {"image_size": 32, "resize": 64, "embedded_repeats": 1, "num_eval_images": 1},  # 6 crops: epoch = 1.5 steps
+        "optim": {"schedule": "cosine", "warmup_steps": 1},
+    }
+    straight = write_recipe(tmp_path, tiny_recipe(tmp_path / "straight", **sections), "a.yaml")
+    resumed = write_recipe(tmp_path, tiny_recipe(tmp_path / "resumed", **sections), "b.yaml")
+    run(straight)
+    run(resumed)
+    final = tmp_path / "resumed" / "checkpoints" / "checkpoint-0000004"
+    # the run is killed after step 2: its last checkpoint disappears, and training resumes
+    shutil.rmtree(final)
+    run(resumed)
+    for name in ("generator.safetensors", "generator_ema.safetensors", "model_1.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004" / name)
+        b = load_file(final / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
+def test_bf16_mixed_precision_trains_with_finite_losses(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path / "run", train={"mixed_precision": "bf16", "steps": 3}))
+    summary = run(path)
+    assert summary["nonfinite_steps"] == 0
+    assert summary["train"]["rec"] > 0 and all(math.isfinite(v) for v in summary["train"].values())
+    assert "d_loss" in summary["train"]  # the discriminator ran under autocast too
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_messy_folder_trains_and_reports_one_skipped_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    _png(folder / "rgb.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    _png(folder / "gray.png", rng.integers(0, 255, (48, 48), dtype=np.uint8))
+    _png(folder / "rgba.png", rng.integers(0, 255, (48, 48, 4), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 65535, (48, 48), dtype=np.uint16)).save(folder / "deep16.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    recipe = tiny_recipe(tmp_path / "run", data={"source": str(folder), "image_size": 32, "num_eval_images": 1},
+                         train={"steps": 3, "batch_size": 2})
+    recipe["data"].pop("embedded_repeats")
+    recipe["data"].pop("resize")
+    summary = run(write_recipe(tmp_path, recipe))
+    assert summary["step"] == 3
+    # 3 steps of 2 images span two epochs: corrupt.png is met twice but is one unreadable file
+    assert summary["skipped_files"] == 1
+    assert summary["skipped_file_names"] == [str(folder / "corrupt.png")]
+
+
+def test_unknown_recipe_key_fails_naming_it(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run")
+    recipe["train"]["checkpoint_evry"] = 5
+    result = subprocess.run([sys.executable, "-m", "vqgan.train", str(write_recipe(tmp_path, recipe))],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    assert "train.checkpoint_evry" in result.stderr and "checkpoint_every" in result.stderr
+
+
+DDP_WRAPPER = """
+import sys
+import vqgan.train as train
+from safetensors.torch import save_file
+
+original = train.save_checkpoint
+
+def save_and_dump(accelerator, root, state, write_extra, keep_last):
+    path = original(accelerator, root, state, write_extra, keep_last)
+    for i, model in enumerate(accelerator._models):
+        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        save_file(weights, f"{root}/rank{accelerator.process_index}_model{i}_step{state['step']}.safetensors")
+    return path
+
+train.save_checkpoint = save_and_dump
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_codebooks_and_weights_identical(tmp_path):
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        model={"preset": "tiny", "quantizer": {"num_codes": 64, "use_ema": True, "kmeans_init": True,
+                                               "dead_code_threshold": 1}},
+        train={"steps": 3, "checkpoint_every": 3},
+    )
+    wrapper = tmp_path / "ddp_wrapper.py"
+    wrapper.write_text(DDP_WRAPPER)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+               str(wrapper), str(write_recipe(tmp_path, recipe))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    recipe_path = tmp_path / "recipe.yaml"
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 processes" in result.stdout
+    root = tmp_path / "run" / "checkpoints"
+    for model_index in (0, 1):  # generator (with its EMA codebook), discriminator
+        a = load_file(root / f"rank0_model{model_index}_step3.safetensors")
+        b = load_file(root / f"rank1_model{model_index}_step3.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"model {model_index} {key} differs between ranks"
+    generator = load_file(root / "rank0_model0_step3.safetensors")
+    assert bool(generator["quantizer.initialized"])  # k-means ran (on gathered data, broadcast)
+    assert int(generator["quantizer.step"]) == 3 and generator["quantizer.cluster_size"].sum() > 0  # EMA updated
+    fresh = VQModel(load_train_config(str(recipe_path), []).model).state_dict()
+    assert not torch.equal(generator["quantizer.weight"], fresh["quantizer.weight"])  # the codebook moved
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["nonfinite_steps"] == 0
