@@ -97,7 +97,7 @@ def test_exact_resume_is_bit_identical(tmp_path):
     """4 steps straight == 2 steps, 'crash', resume from the step-2 checkpoint, 2 more steps."""
     sections = {
         "model": {"preset": "tiny", "quantizer": {"num_codes": 64, "kmeans_init": True, "dead_code_threshold": 1}},
-        "data": {"image_size": 32, "resize": 64, "embedded_repeats": 1, "num_eval_images": 1},  # 6 crops: epoch = 1.5 steps
+        "data": {"image_size": 32, "resize": 64, "embedded_repeats": 2, "num_eval_images": 1},  # 12 crops: 3 steps an epoch
         "optim": {"schedule": "cosine", "warmup_steps": 1},
     }
     straight = write_recipe(tmp_path, tiny_recipe(tmp_path / "straight", **sections), "a.yaml")
