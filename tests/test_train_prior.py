@@ -1,0 +1,132 @@
+"""Prior training end to end: tokenization (1 and 2 processes), training, exact resume, samples, tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqgan.autoencoder import VQModel, preset
+from vqgan.export import VQTokenizer
+from vqgan.prior.data import load_token_dataset, token_dataset_tensors
+from vqgan.prior.io import load_prior
+from vqgan.train_prior import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"source": "embedded", "image_size": 32, "resize": 64, "embedded_repeats": 3, "random_crop": True}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    VQTokenizer.from_model(VQModel(preset("tiny")).eval()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def recipe(tmp_path: Path, tokenizer_dir: Path, **train) -> Path:
+    data = {
+        "run_dir": str(tmp_path / "run"),
+        "prior": "transformer",
+        "transformer": {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2},
+        "tokens": {"path": str(tmp_path / "tokens"), "tokenizer": str(tokenizer_dir), "data": DATA},
+        "train": {"steps": 4, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5,
+                  "tracker": "none", "progress_bar": False, "mixed_precision": "no", **train},
+        "sampling": {"num_samples": 4, "batch_size": 4, "top_k": 10},
+    }
+    path = tmp_path / "prior.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(path: Path, *overrides: str) -> dict:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return main([str(path), *overrides])
+
+
+def test_prior_trains_from_images_and_samples(tmp_path, tokenizer_dir):
+    summary = run(recipe(tmp_path, tokenizer_dir))
+    dataset, meta = load_token_dataset(tmp_path / "tokens")
+    tokens, labels = token_dataset_tensors(dataset)
+    assert tokens.shape == (18, 8, 8) and labels is None  # 6 photos x 3 crops
+    assert meta["num_codes"] == 256 and meta["grid"] == [8, 8]
+    # the stored tokens are exactly what the tokenizer gives for the same crops
+    from vqgan.data import DataConfig, build_dataset
+    from vqgan.utils import images_from_model_range
+
+    images = torch.stack([build_dataset(DataConfig(**DATA), "train", seed=0)[i]["image"] for i in range(3)])
+    expected = VQTokenizer.from_pretrained(tokenizer_dir).encode(images_from_model_range(images))
+    assert torch.equal(tokens[:3], expected)
+
+    assert summary["step"] == 4 and summary["bits_per_token"] > 0
+    assert summary["uniform_bits_per_token"] == 8.0
+    grid = Image.open(summary["samples"])
+    assert grid.size[0] > 32 and len(list((tmp_path / "run" / "samples").glob("sample_*.png"))) == 4
+    prior, meta = load_prior(tmp_path / "run" / "prior")
+    assert meta["kind"] == "transformer" and prior.config.grid == (8, 8)
+
+
+def test_prior_exact_resume(tmp_path, tokenizer_dir):
+    path = recipe(tmp_path, tokenizer_dir, steps=6, checkpoint_every=3)
+    run(path)
+    last = tmp_path / "run" / "checkpoints" / "checkpoint-0000006"
+    reference = load_file(last / "prior" / "model.safetensors")
+    shutil.rmtree(last)
+    summary = run(path)
+    assert summary["step"] == 6
+    resumed = load_file(last / "prior" / "model.safetensors")
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_token_dataset_mismatch_is_a_clear_error(tmp_path, tokenizer_dir):
+    run(recipe(tmp_path, tokenizer_dir, steps=1))
+    with pytest.raises(ValueError, match="num_codes: dataset has K=256, prior expects K=512"):
+        run(recipe(tmp_path, tokenizer_dir), "transformer.num_codes=512", "run_dir=" + str(tmp_path / "other"))
+
+
+def test_sample_tool_and_two_process_tokenization(tmp_path, tokenizer_dir):
+    run(recipe(tmp_path, tokenizer_dir, steps=2))
+    out = tmp_path / "samples"
+    result = subprocess.run([sys.executable, "tools/sample.py", str(tmp_path / "run" / "prior"), "--out", str(out),
+                             "--num-samples", "2", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (out / "grid.png").is_file() and (out / "sample_0001.png").is_file()
+    bad = subprocess.run([sys.executable, "tools/sample.py", str(tmp_path / "run" / "prior"), "--top-p", "0"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "top_p must lie in (0, 1]" in bad.stderr
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "tokens2"
+    # 5 photos x 3 crops = 15 rows: an uneven tail over 2 processes must neither drop nor duplicate a row
+    data_args = ["source=embedded", "image_size=32", "resize=64", "embedded_repeats=3", "max_images=5"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+               "tools/tokenize_dataset.py", str(tokenizer_dir), str(two), "--batch-size", "4", "--data", *data_args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = tmp_path / "tokens1"
+    result = subprocess.run([sys.executable, "tools/tokenize_dataset.py", str(tokenizer_dir), str(one), "--data", *data_args],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens_two, _ = token_dataset_tensors(load_token_dataset(two)[0])
+    tokens_one, _ = token_dataset_tensors(load_token_dataset(one)[0])
+    assert tokens_one.shape[0] == tokens_two.shape[0] == 15
+    assert torch.equal(tokens_one, tokens_two)
