@@ -74,3 +74,16 @@ def test_load_and_save_yaml(tmp_path):
         load_config(Outer, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="unknown config key typo"):
         load_config(Outer, recipe, ["typo=1"])
+
+
+@dataclass(frozen=True)
+class Pair:
+    betas: tuple[float, int] = (0.9, 1)
+
+
+def test_fixed_length_tuple_converts_each_item_with_its_own_type():
+    assert from_dict(Pair, {"betas": [0.5, 2]}).betas == (0.5, 2)
+    with pytest.raises(ConfigError, match=r"betas\[1\]: expected an integer"):
+        from_dict(Pair, {"betas": [0.5, 0.5]})
+    with pytest.raises(ConfigError, match="expected 2 items, got 3"):
+        from_dict(Pair, {"betas": [0.5, 1, 2]})
