@@ -34,6 +34,7 @@ def test_llamagen_recipe_has_large_l2_lowdim_codebook():
     q = config.model.quantizer
     assert (q.num_codes, q.code_dim, q.l2_normalize) == (16384, 8, True)
     assert config.model.downsample_factor == 16
+    assert config.optim.betas == (0.9, 0.95)
 
 
 def test_unknown_recipe_key_names_it(tmp_path):

@@ -1,0 +1,21 @@
+"""Autoregressive priors over tokenizer grids: Gated PixelCNN and a GPT-style transformer."""
+
+from vqgan.prior.data import check_token_dataset, load_token_dataset, save_token_dataset, token_dataset_tensors
+from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior, nll_bits
+from vqgan.prior.sampling import (
+    SamplingConfig,
+    filter_logits,
+    generator_from_config,
+    sample_from_logits,
+    sample_pixelcnn,
+    sample_prior,
+    sample_transformer,
+)
+from vqgan.prior.transformer import KVCache, TransformerConfig, TransformerPrior
+
+__all__ = [
+    "KVCache", "PixelCNNConfig", "PixelCNNPrior", "SamplingConfig", "TransformerConfig", "TransformerPrior",
+    "check_token_dataset", "filter_logits", "generator_from_config", "load_token_dataset", "nll_bits",
+    "sample_from_logits", "sample_pixelcnn", "sample_prior", "sample_transformer", "save_token_dataset",
+    "token_dataset_tensors",
+]

@@ -1,0 +1,109 @@
+"""Token datasets: the (h, w) grids a tokenizer produced, saved for training a prior.
+
+On disk: a HF `datasets` dataset (`save_to_disk`) with columns "tokens" (h lists of w ints) and an
+optional "label", plus `tokenizer.json` in the same folder with {"num_codes", "grid", "tokenizer_hash"}
+so that a prior refuses tokens from a tokenizer with another codebook size or grid.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import torch
+from torch import Tensor
+
+from vqgan.utils import atomic_write_text
+
+METADATA_FILE = "tokenizer.json"
+METADATA_KEYS = ("num_codes", "grid", "tokenizer_hash")
+
+
+def check_token_dataset(metadata: dict[str, Any], num_codes: int, grid: Sequence[int]) -> None:
+    """Raise ValueError when the dataset's codebook size or grid differ from the prior's config."""
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"token dataset metadata lacks {missing}; expected keys {list(METADATA_KEYS)}")
+    problems = []
+    if int(metadata["num_codes"]) != num_codes:
+        problems.append(f"num_codes: dataset has K={metadata['num_codes']}, prior expects K={num_codes}")
+    if tuple(metadata["grid"]) != tuple(grid):
+        problems.append(f"grid: dataset has {tuple(metadata['grid'])}, prior expects {tuple(grid)}")
+    if problems:
+        raise ValueError(
+            "token dataset does not match the prior config (tokenizer "
+            f"{metadata['tokenizer_hash']}): " + "; ".join(problems)
+        )
+
+
+def save_token_dataset(
+    path: str | Path, tokens: Tensor, labels: Tensor | Sequence[int] | None, metadata: dict[str, Any]
+) -> None:
+    """Write (N, h, w) tokens and optional (N,) labels with metadata; a reader never sees half a dataset."""
+    path = Path(path)
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be (N, h, w), got shape {tuple(tokens.shape)}")
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"metadata lacks {missing}; expected keys {list(METADATA_KEYS)}")
+    if tuple(metadata["grid"]) != tuple(tokens.shape[1:]):
+        raise ValueError(f"metadata grid {tuple(metadata['grid'])} does not match tokens of shape {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= int(metadata["num_codes"])):
+        raise ValueError(
+            f"token ids must lie in [0, {metadata['num_codes']}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    columns: dict[str, Any] = {"tokens": tokens.long().tolist()}
+    features = {"tokens": datasets.List(datasets.List(datasets.Value("int32")))}
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if labels.numel() != tokens.shape[0]:
+            raise ValueError(f"got {labels.numel()} labels for {tokens.shape[0]} token grids")
+        columns["label"] = labels.tolist()
+        features["label"] = datasets.Value("int64")
+    meta = {"num_codes": int(metadata["num_codes"]), "grid": [int(s) for s in metadata["grid"]],
+            "tokenizer_hash": str(metadata["tokenizer_hash"])}
+    meta.update({k: v for k, v in metadata.items() if k not in meta})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(tmp))
+        atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2))
+        if path.exists():  # rename() cannot replace a non-empty folder: move the old one aside first
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            path.rename(old / path.name)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_token_dataset(path: str | Path) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """Read a dataset written by `save_token_dataset` -> (dataset, metadata)."""
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {path} is not a token dataset (expected {METADATA_FILE})")
+    metadata = json.loads(meta_path.read_text())
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {missing}; expected keys {list(METADATA_KEYS)}")
+    dataset = datasets.load_from_disk(str(path))
+    if "tokens" not in dataset.column_names:
+        raise ValueError(f"{path} has columns {dataset.column_names}; expected 'tokens' (and optional 'label')")
+    return dataset, metadata
+
+
+def token_dataset_tensors(dataset: datasets.Dataset) -> tuple[Tensor, Tensor | None]:
+    """Whole dataset in memory -> ((N, h, w) long tokens, (N,) long labels or None)."""
+    columns = dataset.with_format("torch")[:]  # one dict of stacked tensors
+    tokens = columns["tokens"].long()
+    labels = columns["label"].long() if "label" in columns else None
+    return tokens, labels
