@@ -140,10 +140,8 @@ def decode_image(image: dict[str, Any]) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(pil))  # camera JPEGs store rotation as an EXIF tag
 
 
-def crop_to_tensor(
-    image: Image.Image, size: int, resize: int | None, random_crop: bool, hflip: bool, rng: np.random.Generator
-) -> torch.Tensor:
-    """RGB image -> (3, size, size) float in [-1, 1]: resize the shorter side, crop, maybe flip."""
+def resized_pixels(image: Image.Image, size: int, resize: int | None) -> torch.Tensor:
+    """RGB image -> (3, H', W') uint8 with the shorter side resized (to `resize`, or up to `size` if smaller)."""
     pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8
     short = min(pixels.shape[-2:])
     # NOTE: with resize None an image smaller than the crop is scaled up to fit, not skipped: build_dataset
@@ -151,6 +149,11 @@ def crop_to_tensor(
     target = resize if resize is not None else (size if short < size else None)
     if target is not None and target != short:
         pixels = TF.resize(pixels, [target], antialias=True)  # shorter side -> target
+    return pixels
+
+
+def crop_pixels(pixels: torch.Tensor, size: int, random_crop: bool, hflip: bool, rng: np.random.Generator) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) float in [-1, 1]: random or centre crop, maybe flip."""
     height, width = pixels.shape[-2:]
     if random_crop:
         top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
@@ -160,6 +163,13 @@ def crop_to_tensor(
     if hflip and rng.random() < 0.5:
         pixels = TF.horizontal_flip(pixels)
     return images_to_model_range(TF.to_dtype(pixels, torch.float32, scale=True))  # (3, S, S) in [-1, 1]
+
+
+def crop_to_tensor(
+    image: Image.Image, size: int, resize: int | None, random_crop: bool, hflip: bool, rng: np.random.Generator
+) -> torch.Tensor:
+    """RGB image -> (3, size, size) float in [-1, 1]: resize the shorter side, crop, maybe flip."""
+    return crop_pixels(resized_pixels(image, size, resize), size, random_crop, hflip, rng)
 
 
 # ----------------------------------------------------------------------------- dataset, sampler, collate
@@ -196,6 +206,9 @@ class ImageDataset(Dataset):
         self.image_size, self.resize, self.random_crop, self.hflip = image_size, resize, random_crop, hflip
         self.image_column, self.label_column = image_column, label_column
         self.repeats, self.seed = repeats, seed
+        # Many crops of few images (the embedded photos): decode and resize each image once, not once per
+        # crop (decoding a 512px PNG costs ~20x the crop). Each worker process fills its own copy.
+        self._resized_cache: dict[int, torch.Tensor] | None = {} if repeats > 1 and len(table) <= 256 else None
 
     def __len__(self) -> int:
         return len(self.table) * self.repeats
@@ -219,15 +232,18 @@ class ImageDataset(Dataset):
         record = self.table[row]
         cell = record[self.image_column]
         name = self._name(cell, row)
+        cached = self._resized_cache.get(row) if self._resized_cache is not None else None
         try:
-            image = decode_image(cell)
+            pixels = cached if cached is not None else resized_pixels(decode_image(cell), self.image_size, self.resize)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
             if name not in _warned:
                 _warned.add(name)
                 logger.warning("skipping unreadable image %s: %s: %s", name, type(err).__name__, err)
             return BadItem(name, f"{type(err).__name__}: {err}")
         rng = np.random.default_rng((self.seed, key))  # the crop depends on (seed, epoch, row) only
-        item = {"image": crop_to_tensor(image, self.image_size, self.resize, self.random_crop, self.hflip, rng)}
+        if self._resized_cache is not None:
+            self._resized_cache[row] = pixels
+        item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, rng)}
         if self.label_column is not None:
             item["label"] = int(record[self.label_column])
         return item
