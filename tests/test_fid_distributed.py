@@ -1,0 +1,49 @@
+"""tools/fid.py under `accelerate launch` with 2 CPU processes gives the 1-process FID and counts.
+
+7 and 5 images: uneven shards, and the shard of 2 processes must neither drop nor duplicate the odd image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_metrics import random_weights, run_tool, write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:.*not the official TF-FID")  # the random test weights, on purpose
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # other test runs share this machine: never assume 29500 is free
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_fid(tmp_path_factory):
+    weights = random_weights(tmp_path_factory)
+    root = tmp_path_factory.mktemp("fid_dist")
+    write_images(root / "a", 7, shift=0.0, seed=0)
+    write_images(root / "b", 5, shift=40.0, seed=1)
+    args = [str(root / "a"), str(root / "b"), "--inception-weights", str(weights), "--feature-layer", "64",
+            "--batch-size", "2"]
+    single = run_tool([*args, "--num-workers", "0"])
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(ROOT / "tools" / "fid.py"), *args, "--num-workers", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout  # really sharded, not two independent copies
+    double = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (double["count1"], double["count2"]) == (single["count1"], single["count2"]) == (7, 5)
+    assert double["fid"] == pytest.approx(single["fid"], rel=1e-9)
