@@ -154,12 +154,32 @@ def tokenizer_reconstructions(tokenizer_path: str, batches: Batches, device: tor
         yield float_to_uint8(tokenizer.decode(tokenizer.encode(images01)))
 
 
-def prior_samples(prior_path: str, num_samples: int, batch_size: int, seed: int, device: torch.device) -> Batches:
-    """`num_samples` uint8 samples (B, 3, H, W) of a prior, for gFID. Not wired yet."""
-    raise NotImplementedError(
-        "prior: sources are not wired to the prior API yet; sample images to a folder with the prior's sampling "
-        "script and pass that folder as the source"
-    )
+def prior_samples(prior_path: str, rank: int, world: int, args: argparse.Namespace, device: torch.device) -> Batches:
+    """This process's share (samples rank, rank + world, ...) of --num-samples prior samples as uint8, for gFID.
+
+    A class-conditional prior gets class (i mod num_classes) for global sample i, so the classes are balanced
+    (50 per class for 50k ImageNet samples); each process seeds its own generator with seed + rank.
+    """
+    from vqgan.export import VQTokenizer
+    from vqgan.prior.generate import generate_images
+    from vqgan.prior.io import load_prior
+    from vqgan.prior.sampling import SamplingConfig
+
+    prior, meta = load_prior(prior_path, device=str(device))
+    tokenizer_path = args.prior_tokenizer or meta.get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError(f"{prior_path} does not record its tokenizer: pass --prior-tokenizer")
+    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=device)
+    indices = list(range(rank, args.num_samples, world))
+    num_classes = prior.config.num_classes
+    for begin in range(0, len(indices), args.batch_size):
+        chunk = indices[begin : begin + args.batch_size]
+        config = SamplingConfig(num_samples=len(chunk), batch_size=len(chunk), temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                                seed=args.seed + rank * 1_000_003 + begin)
+        labels = [i % num_classes for i in chunk] if num_classes > 0 else None
+        _, images = generate_images(prior, tokenizer, config, labels)
+        yield float_to_uint8(images)
 
 
 @dataclass(frozen=True)
@@ -202,8 +222,7 @@ def open_source(spec: str, other: str | None, args: argparse.Namespace, device: 
             raise ValueError("prior: needs --num-samples")
 
         def shard(rank: int, world: int) -> Batches:
-            count = len(range(rank, args.num_samples, world))
-            return prior_samples(spec[6:], count, args.batch_size, args.seed + rank, device)
+            return prior_samples(spec[6:], rank, world, args, device)
 
         return ImageSource(f"{args.num_samples} samples of {spec[6:]}", args.num_samples, shard)
     path = Path(spec)
@@ -268,7 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-column", help="hf: image column (default: the first Image feature)")
     parser.add_argument("--images", help="recon: the images to reconstruct (default: the other source)")
     parser.add_argument("--num-samples", type=int, help="prior: number of samples")
-    parser.add_argument("--seed", type=int, default=0, help="prior: sampling seed (process i uses seed + i)")
+    parser.add_argument("--seed", type=int, default=0, help="prior: sampling seed (each process and batch its own)")
+    parser.add_argument("--prior-tokenizer", help="prior: tokenizer that decodes the samples (default: the prior's own)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="prior: sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="prior: keep the k most likely codes")
+    parser.add_argument("--top-p", type=float, default=None, help="prior: nucleus sampling mass")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="prior: classifier-free guidance scale")
     parser.add_argument("--device", help="default: this process's accelerator device, else cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU: faster, not bit-comparable")
     args = parser.parse_args(argv)
