@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vqgan.utils import atomic_write_text
 
@@ -85,4 +87,26 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return latest_checkpoint(root)
     path = Path(resume)
     read_train_state(path)  # raises a clear error for an incomplete or wrong folder
+    return path
+
+
+def save_modules(folder: Path, modules: dict[str, nn.Module | None]) -> None:
+    """State outside Accelerate's (EMA weights, LeCAM averages) as safetensors files: {file name: module}."""
+    for name, module in modules.items():
+        if module is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, Path(folder) / name)
+
+
+def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: dict[str, Any],
+           modules: dict[str, nn.Module | None]) -> Path | None:
+    """Restore Accelerate's state, the train state (into `state`) and `modules` from the checkpoint to resume."""
+    path = resolve_resume(resume_setting, root)
+    if path is None:
+        return None
+    accelerator.load_state(str(path))
+    state.update(read_train_state(path))
+    for name, module in modules.items():
+        if module is not None:
+            module.load_state_dict(load_file(path / name, device=str(accelerator.device)))
+    accelerator.print(f"resumed from {path} at step {state['step']}")
     return path

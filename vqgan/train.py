@@ -17,26 +17,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vqgan.autoencoder import VQModel, VQModelConfig, preset
-from vqgan.checkpoint import read_train_state, resolve_resume, save_checkpoint
-from vqgan.config import ConfigError, apply_overrides, from_dict, read_recipe, save_config, to_dict
+from vqgan.checkpoint import resume, save_checkpoint, save_modules
+from vqgan.config import ConfigError, apply_overrides, from_dict, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.ema import create_ema, update_ema
 from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, generator_loss
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
-from vqgan.train_utils import (
-    evaluate_reconstruction,
-    log_image_grid,
-    count_anywhere,
-    tracker_config,
-)
+from vqgan.train_utils import build_accelerator, count_anywhere, evaluate_reconstruction, log_image_grid, start_run
 from vqgan.utils import count_parameters, format_count
 
 
@@ -125,15 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_train_config(args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
-    precision = None if loop.mixed_precision == "launcher" else loop.mixed_precision
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=loop.grad_accum_steps,
-        log_with=None if loop.tracker == "none" else loop.tracker,
-        project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False,  # we step schedulers once per optimizer step ourselves
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same shuffle on resume
-    )
+    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.grad_accum_steps, loop.tracker)
     set_seed(config.seed)
 
     # --- models ---
@@ -170,20 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # --- resume ---
     state = {"step": 0, "batches_seen": 0, "images_seen": 0, "skipped_files": [], "nonfinite_steps": 0}
     checkpoint_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(loop.resume, checkpoint_root)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.update(read_train_state(resume_from))
-        if ema is not None:
-            ema.load_state_dict(load_file(resume_from / "generator_ema.safetensors", device=str(accelerator.device)))
-        if lecam is not None:
-            lecam.load_state_dict(load_file(resume_from / "lecam.safetensors", device=str(accelerator.device)))
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    accelerator.init_trackers("vqgan", config=tracker_config(config))
+    extra_state = {"generator_ema.safetensors": ema, "lecam.safetensors": lecam}  # outside Accelerate's state
+    resume(accelerator, loop.resume, checkpoint_root, state, extra_state)
+    start_run(accelerator, config, run_dir, "vqgan")
     f = config.model.downsample_factor
     size = config.data.image_size
     effective_batch = loop.batch_size * accelerator.num_processes * loop.grad_accum_steps
@@ -196,13 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     def write_checkpoint_files(folder: Path) -> None:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in raw_model.state_dict().items()},
-                  folder / "generator.safetensors")
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                      folder / "generator_ema.safetensors")
-        if lecam is not None:
-            save_file({k: v.cpu() for k, v in lecam.state_dict().items()}, folder / "lecam.safetensors")
+        save_modules(folder, {"generator.safetensors": raw_model, **extra_state})
         (folder / "vqmodel_config.json").write_text(json.dumps(to_dict(config.model), indent=2))
         summary = {"step": state["step"], "data": config.data.source, "images_seen": state["images_seen"],
                    "metrics": state.get("eval", {})}

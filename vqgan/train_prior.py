@@ -16,14 +16,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from vqgan.checkpoint import read_train_state, resolve_resume, save_checkpoint
-from vqgan.config import ConfigError, load_config, save_config
+from vqgan.checkpoint import resume, save_checkpoint, save_modules
+from vqgan.config import ConfigError, load_config
 from vqgan.data import DataConfig
 from vqgan.ema import create_ema, update_ema
 from vqgan.export import VQTokenizer
@@ -35,7 +34,7 @@ from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import tokenize_dataset
 from vqgan.prior.transformer import TransformerConfig
-from vqgan.train_utils import count_anywhere, tracker_config
+from vqgan.train_utils import build_accelerator, count_anywhere, start_run
 from vqgan.utils import count_parameters, format_count
 
 
@@ -120,14 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
-    accelerator = Accelerator(
-        mixed_precision=None if loop.mixed_precision == "launcher" else loop.mixed_precision,
-        gradient_accumulation_steps=loop.grad_accum_steps,
-        log_with=None if loop.tracker == "none" else loop.tracker,
-        project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.grad_accum_steps, loop.tracker)
     set_seed(config.seed)
 
     tokens, labels, metadata = prepare_tokens(config, accelerator)
@@ -145,18 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     state = {"step": 0, "batches_seen": 0, "nonfinite_steps": 0}
     checkpoint_root = run_dir / "checkpoints"
-    resume_from = resolve_resume(loop.resume, checkpoint_root)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.update(read_train_state(resume_from))
-        if ema is not None:
-            ema.load_state_dict(load_file(resume_from / "prior_ema.safetensors", device=str(accelerator.device)))
-        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
-
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    accelerator.init_trackers("prior", config=tracker_config(config))
+    resume(accelerator, loop.resume, checkpoint_root, state, {"prior_ema.safetensors": ema})
+    start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
     accelerator.print(
         f"{config.prior} prior {format_count(count_parameters(raw_model))} params; {len(tokens)} grids of "
@@ -167,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def write_checkpoint_files(folder: Path) -> None:
         save_prior(raw_model, folder / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"]})
-        if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, folder / "prior_ema.safetensors")
+        save_modules(folder, {"prior_ema.safetensors": ema})
 
     progress = tqdm(total=loop.steps, initial=state["step"], desc="prior",
                     disable=not (accelerator.is_main_process and loop.progress_bar))

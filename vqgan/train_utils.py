@@ -7,12 +7,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from torchvision.utils import make_grid, save_image
 
-from vqgan.config import to_dict
+from vqgan.config import save_config, to_dict
 from vqgan.metrics.image_metrics import psnr
 from vqgan.utils import atomic_write_bytes, images_from_model_range
+
+
+def build_accelerator(run_dir: Path, mixed_precision: str, grad_accum_steps: int, tracker: str) -> Accelerator:
+    """The Accelerator both training loops use; mixed_precision "launcher" defers to `accelerate launch`."""
+    return Accelerator(
+        mixed_precision=None if mixed_precision == "launcher" else mixed_precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        log_with=None if tracker == "none" else tracker,
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, by the loop
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # the same shuffle on resume
+    )
+
+
+def start_run(accelerator: Accelerator, config: Any, run_dir: Path, project: str) -> None:
+    """Save the resolved config in the run folder and open the trackers."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.init_trackers(project, config=tracker_config(config))
 
 
 def tracker_config(config: Any) -> dict[str, Any]:
