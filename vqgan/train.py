@@ -31,7 +31,7 @@ from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, 
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.train_utils import build_accelerator, count_anywhere, evaluate_reconstruction, log_image_grid, start_run
-from vqgan.utils import count_parameters, format_count
+from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 
 @dataclass(frozen=True)
@@ -295,13 +295,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         VQTokenizer.from_model(final_model, train_summary=summary).save_pretrained(run_dir / "tokenizer")
         summary["tokenizer"] = str(run_dir / "tokenizer")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        eval_metrics = summary["metrics"]
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        held_out = summary["metrics"]
+        held_out_tokens = held_out.get("num_images", 0) * (size // f) ** 2
         accelerator.print(
             "\n== done ==\n"
-            f"steps {state['step']}, held-out PSNR {eval_metrics.get('psnr', math.nan):.2f} dB, "
-            f"codebook usage {eval_metrics.get('usage', math.nan):.1%} of K={config.model.quantizer.num_codes}, "
-            f"unreadable files skipped {len(state['skipped_files'])} {state['skipped_files'][:5]}, non-finite steps {state['nonfinite_steps']}\n"
+            f"steps {state['step']}; held-out PSNR {held_out.get('psnr', math.nan):.2f} dB on "
+            f"{held_out.get('num_images', 0)} images\n"
+            f"codebook K={config.model.quantizer.num_codes}: {logs.get('usage', math.nan):.1%} used over the last "
+            f"{config.model.quantizer.usage_window} training tokens (batch perplexity {logs.get('perplexity', math.nan):.0f}), "
+            f"{held_out.get('usage', math.nan):.1%} by the {held_out_tokens} held-out tokens\n"
+            f"unreadable files skipped: {len(state['skipped_files'])} {state['skipped_files'][:5]}; "
+            f"non-finite steps skipped: {state['nonfinite_steps']}\n"
             f"checkpoints: {checkpoint_root}\nreconstruction grids: {run_dir / 'images'}\n"
             f"tensorboard: tensorboard --logdir {run_dir}\nexported tokenizer: {run_dir / 'tokenizer'}"
         )
