@@ -207,3 +207,42 @@ def test_two_process_ddp_keeps_codebooks_and_weights_identical(tmp_path):
     assert not torch.equal(generator["quantizer.weight"], fresh["quantizer.weight"])  # the codebook moved
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 3 and summary["nonfinite_steps"] == 0
+
+
+def test_missing_lpips_weights_train_without_the_term_and_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VQGAN_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("VQGAN_VGG16_WEIGHTS", raising=False)
+    recipe = tiny_recipe(tmp_path / "run", loss={"perceptual_weight": 1.0, "disc_start": 1}, train={"steps": 1})
+    summary = run(write_recipe(tmp_path, recipe))
+    assert summary["step"] == 1
+    assert capsys.readouterr().out.count("LPIPS weights are not available") == 1
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["loss"]["perceptual_weight"] == 0.0
+    assert any("perceptual term off" in note for note in resolved["notes"])
+    # a recipe that requires the perceptual term stops instead of training without it
+    recipe["train"]["require_lpips"] = True
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        run(write_recipe(tmp_path, recipe, "strict.yaml"))
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    import vqgan.train as train_module
+
+    real_loss = train_module.generator_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        total, logs = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan"), logs) if calls["n"] == 2 else (total, logs)
+
+    monkeypatch.setattr(train_module, "generator_loss", nan_on_second_call)
+    summary = run(write_recipe(tmp_path, tiny_recipe(tmp_path / "once", train={"steps": 3})))
+    assert summary["step"] == 3 and summary["nonfinite_steps"] == 1
+    assert summary["train"]["nonfinite_steps"] == 1
+
+    monkeypatch.setattr(train_module, "generator_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    recipe = tiny_recipe(tmp_path / "always", train={"steps": 3, "max_nonfinite_in_row": 2})
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row at step 0"):
+        run(write_recipe(tmp_path, recipe))
