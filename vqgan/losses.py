@@ -82,17 +82,18 @@ def adversarial_factor(step: int, start_step: int) -> float:
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                    max_weight: float = 1e4) -> torch.Tensor:
+                    max_weight: float = 1e4, loss_scale: float = 1.0) -> torch.Tensor:
     """lambda = ||grad_L L_rec|| / (||grad_L L_G|| + 1e-4) clamped to [0, max_weight], detached (Esser et al. eq. 7).
 
     L is the decoder's last layer. When no gradient can be taken (eval, torch.no_grad, or losses that
     do not require grad) this returns 0.0, as taming does, so validation totals leave the adversarial
-    term out.
+    term out. `loss_scale` (fp16's GradScaler scale) multiplies both losses before differentiating, so
+    fp16 gradients of the last layer do not underflow; the ratio itself is unchanged.
     """
     if not (torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=rec_loss.device)
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True, allow_unused=True)
-    gan_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True, allow_unused=True)
+    rec_grad, = torch.autograd.grad(rec_loss * loss_scale, last_layer_weight, retain_graph=True, allow_unused=True)
+    gan_grad, = torch.autograd.grad(g_loss * loss_scale, last_layer_weight, retain_graph=True, allow_unused=True)
     if rec_grad is None or gan_grad is None:
         which = "reconstruction" if rec_grad is None else "generator adversarial"
         raise ValueError(
@@ -100,7 +101,7 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_wei
             "pass the decoder's final conv weight (VQModel.last_layer_weight) and feed the discriminator "
             "the decoded images without detaching them"
         )
-    weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
+    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4 * loss_scale)
     return weight.clamp(0.0, max_weight).detach()
 
 
@@ -183,12 +184,13 @@ class LossConfig:
 
 def generator_loss(config: LossConfig, images: torch.Tensor, decoded: torch.Tensor, recon: torch.Tensor,
                    quantizer_loss: torch.Tensor, logits_fake: torch.Tensor | None, last_layer_weight: torch.Tensor,
-                   step: int, perceptual: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   step: int, perceptual: nn.Module | None = None,
+                   loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Autoencoder objective: rec + perceptual + codebook + adaptive-weighted adversarial term.
 
     images (B, C, H, W) in [-1, 1]; decoded as the model returns it (pixels, or (B, 256, C, H, W) logits);
     recon the differentiable images (decoded itself, or expected_image(logits)) that LPIPS and D saw;
-    logits_fake = D(recon) or None before the discriminator starts.
+    logits_fake = D(recon) or None before the discriminator starts; loss_scale: see adaptive_weight.
     """
     zero = images.new_zeros(())
     rec = reconstruction_loss(config.reconstruction_kind, decoded, images)
@@ -202,7 +204,7 @@ def generator_loss(config: LossConfig, images: torch.Tensor, decoded: torch.Tens
     if logits_fake is not None:
         g_adv = g_loss(config.disc_loss, logits_fake)
         if factor > 0 and config.disc_weight > 0:
-            weight = (adaptive_weight(nll, g_adv, last_layer_weight, config.adaptive_weight_max)
+            weight = (adaptive_weight(nll, g_adv, last_layer_weight, config.adaptive_weight_max, loss_scale)
                       if config.use_adaptive_weight else zero + 1.0)
     total = nll + config.codebook_weight * quantizer_loss + factor * config.disc_weight * weight * g_adv
     logs = {

@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(config.run_dir)
     loop = config.train
     accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.grad_accum_steps, loop.tracker)
+    if accelerator.mixed_precision == "fp16" and loop.grad_accum_steps > 1:
+        # Accelerate shares one GradScaler between both optimizers and updates it after each step: the
+        # discriminator's gradients accumulated before the generator's step would be unscaled with a
+        # scale they were not scaled by. bf16 needs no scaler.
+        raise ConfigError("fp16 with train.grad_accum_steps > 1 is not supported (one loss scaler, two "
+                          "optimizers); use bf16, or grad_accum_steps=1")
     set_seed(config.seed)
 
     # --- models ---
@@ -213,11 +219,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raw_disc.requires_grad_(True)
                 g_total, g_logs = generator_loss(
                     config.loss, images, decoded, recon, quant.loss, logits_fake, raw_model.last_layer_weight,
-                    state["step"], perceptual,
+                    state["step"], perceptual, loss_scale=accelerator.scaler.get_scale() if accelerator.scaler else 1.0,
                 )
                 if count_anywhere(not torch.isfinite(g_total.detach()).item(), accelerator):
                     # every rank skips together, or DDP would wait forever for the missing gradients
                     opt_g.zero_grad(set_to_none=True)
+                    opt_d.zero_grad(set_to_none=True)  # its micro-batches so far must not meet the next window's
                     nonfinite_in_row += 1
                     state["nonfinite_steps"] += 1
                     accelerator.print(f"step {state['step']}: non-finite generator loss, step skipped "
@@ -231,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 nonfinite_in_row = 0
                 accelerator.backward(g_total)
                 if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                    g_logs["grad_norm_g"] = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                    # unscale this optimizer's gradients only: accelerator.clip_grad_norm_ unscales every
+                    # optimizer, and the fp16 scaler then forgets that D's were already unscaled
+                    accelerator.unscale_gradients(optimizer=opt_g)
+                    g_logs["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
 
@@ -241,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           lecam=lecam)
                     accelerator.backward(d_total)
                     if accelerator.sync_gradients and config.disc_optim.grad_clip > 0:
-                        d_logs["grad_norm_d"] = accelerator.clip_grad_norm_(discriminator.parameters(),
-                                                                            config.disc_optim.grad_clip)
+                        accelerator.unscale_gradients(optimizer=opt_d)
+                        d_logs["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(),
+                                                                               config.disc_optim.grad_clip)
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     g_logs.update(d_logs)
