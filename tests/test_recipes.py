@@ -49,3 +49,11 @@ def test_unknown_recipe_key_names_it(tmp_path):
 def test_invalid_value_is_a_config_error_naming_the_section():
     with pytest.raises(ConfigError, match=r"model\.quantizer: .*beta"):
         load_train_config("recipes/quickstart.yaml", ["model.quantizer.beta=-1"])
+
+
+def test_categorical_decoder_and_loss_must_agree():
+    with pytest.raises(ConfigError, match=r"output='categorical' needs loss\.reconstruction_kind='categorical'"):
+        load_train_config("recipes/quickstart.yaml", ["model.autoencoder.output=categorical"])
+    config = load_train_config("recipes/quickstart.yaml",
+                               ["model.autoencoder.output=categorical", "loss.reconstruction_kind=categorical"])
+    assert config.loss.reconstruction_kind == "categorical"

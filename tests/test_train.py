@@ -246,3 +246,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     recipe = tiny_recipe(tmp_path / "always", train={"steps": 3, "max_nonfinite_in_row": 2})
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row at step 0"):
         run(write_recipe(tmp_path, recipe))
+
+
+def test_resume_from_a_missing_folder_says_so(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        run(path, f"train.resume={tmp_path / 'nope'}")

@@ -68,7 +68,7 @@ def evaluate(tokenizer: VQTokenizer, loader, lpips: LPIPS | None, inception, dev
         if max_images is not None:
             images = images[: max_images - seen]
         if len(images) == 0:
-            break
+            continue  # every file of this batch was unreadable (the data pipeline warned about each)
         ids = tokenizer.encode(images)  # (B, h, w)
         recon = tokenizer.decode(ids).clamp(0, 1)  # (B, 3, H, W)
         counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.num_codes)

@@ -86,7 +86,10 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(root)
     path = Path(resume)
-    read_train_state(path)  # raises a clear error for an incomplete or wrong folder
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume={resume}: no such checkpoint folder (use 'auto', '' or a "
+                                "runs/NAME/checkpoints/checkpoint-NNNNNNN folder)")
+    read_train_state(path)  # raises a clear error for an incomplete folder
     return path
 
 

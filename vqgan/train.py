@@ -70,6 +70,15 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     notes: tuple[str, ...] = ()  # what the run changed on its own (e.g. LPIPS off for want of weights)
 
+    def __post_init__(self):
+        categorical_output = self.model.autoencoder.output == "categorical"
+        if categorical_output != (self.loss.reconstruction_kind == "categorical"):
+            raise ValueError(
+                f"model.autoencoder.output={self.model.autoencoder.output!r} needs "
+                f"loss.reconstruction_kind={'categorical' if categorical_output else 'l1 or l2'!r}, "
+                f"got {self.loss.reconstruction_kind!r}"
+            )
+
 
 def load_train_config(recipe: str | None, overrides: list[str]) -> TrainConfig:
     """Recipe YAML + overrides -> TrainConfig. `model.preset: NAME` starts the model from a preset."""
@@ -141,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opt_g = build_optimizer(model.parameters(), config.optim)
     opt_d = build_optimizer(discriminator.parameters(), config.disc_optim)
     sched_g = build_scheduler(opt_g, config.optim, loop.steps)
-    sched_d = build_scheduler(opt_d, config.disc_optim, loop.steps)
+    # D's schedule counts its own steps, which start at loss.disc_start
+    sched_d = build_scheduler(opt_d, config.disc_optim, max(1, loop.steps - config.loss.disc_start))
     train_loader = build_dataloader(config.data, "train", batch_size=loop.batch_size, shuffle=True, seed=config.seed)
     eval_loader = build_dataloader(config.data, "eval", batch_size=loop.batch_size, shuffle=False, seed=config.seed)
 
