@@ -130,3 +130,16 @@ def test_sample_tool_and_two_process_tokenization(tmp_path, tokenizer_dir):
     tokens_one, _ = token_dataset_tensors(load_token_dataset(one)[0])
     assert tokens_one.shape[0] == tokens_two.shape[0] == 15
     assert torch.equal(tokens_one, tokens_two)
+
+
+def test_token_table_built_in_slices_round_trips(tmp_path):
+    import datasets
+
+    from vqgan.prior.data import _token_table
+
+    tokens, labels = torch.randint(0, 5, (40, 3, 3)), torch.arange(40)
+    features = datasets.Features({"tokens": datasets.List(datasets.List(datasets.Value("int32"))),
+                                  "label": datasets.Value("int64")})
+    table = _token_table(tokens, labels, features, rows_per_part=7)  # 6 slices, the last one short
+    got_tokens, got_labels = token_dataset_tensors(table)
+    assert torch.equal(got_tokens, tokens) and torch.equal(got_labels, labels)

@@ -56,13 +56,11 @@ def save_token_dataset(
         raise ValueError(
             f"token ids must lie in [0, {metadata['num_codes']}), got [{int(tokens.min())}, {int(tokens.max())}]"
         )
-    columns: dict[str, Any] = {"tokens": tokens.long().tolist()}
     features = {"tokens": datasets.List(datasets.List(datasets.Value("int32")))}
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() != tokens.shape[0]:
             raise ValueError(f"got {labels.numel()} labels for {tokens.shape[0]} token grids")
-        columns["label"] = labels.tolist()
         features["label"] = datasets.Value("int64")
     meta = {"num_codes": int(metadata["num_codes"]), "grid": [int(s) for s in metadata["grid"]],
             "tokenizer_hash": str(metadata["tokenizer_hash"])}
@@ -71,7 +69,7 @@ def save_token_dataset(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        datasets.Dataset.from_dict(columns, features=datasets.Features(features)).save_to_disk(str(tmp))
+        _token_table(tokens, labels, datasets.Features(features)).save_to_disk(str(tmp))
         atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2))
         if path.exists():  # rename() cannot replace a non-empty folder: move the old one aside first
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -83,6 +81,19 @@ def save_token_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _token_table(tokens: Tensor, labels: Tensor | None, features: datasets.Features,
+                 rows_per_part: int = 16384) -> datasets.Dataset:
+    """Arrow table of the grids, built a slice at a time: Python lists of a whole ImageNet (hundreds of
+    millions of ints) would not fit in memory, a 16k-row slice does."""
+    parts = []
+    for begin in range(0, max(1, tokens.shape[0]), rows_per_part):
+        columns: dict[str, Any] = {"tokens": tokens[begin : begin + rows_per_part].int().tolist()}
+        if labels is not None:
+            columns["label"] = labels[begin : begin + rows_per_part].tolist()
+        parts.append(datasets.Dataset.from_dict(columns, features=features))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def load_token_dataset(path: str | Path) -> tuple[datasets.Dataset, dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -77,32 +78,45 @@ def tokenize_dataset(
     shard = _Shard(source, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, collate_fn=_collate)
 
-    records: list[tuple[int, bool, list, Any]] = []  # (row, flipped, tokens, label)
-    skipped: list[str] = []
+    keys, grids, labels, skipped = [], [], [], []  # this process's rows: key = 2 * row + flipped
     for batch in tqdm(loader, desc=f"tokenize {split}", disable=not accelerator.is_local_main_process):
         skipped.extend(batch["skipped"])
         if batch["images"] is None:
             continue
         images = images_from_model_range(batch["images"].to(accelerator.device))  # (B, 3, S, S) in [0, 1]
-        variants = [(False, images)] + ([(True, images.flip(-1))] if hflip_rows else [])
+        rows = torch.tensor(batch["rows"], dtype=torch.long)
+        variants = [(0, images)] + ([(1, images.flip(-1))] if hflip_rows else [])
         for flipped, view in variants:
-            ids = tokenizer.encode(view).cpu()  # (B, h, w)
-            records.extend((row, flipped, grid.tolist(), label)
-                           for row, grid, label in zip(batch["rows"], ids, batch["labels"]))
+            keys.append(2 * rows + flipped)
+            grids.append(tokenizer.encode(view).to(torch.int32).cpu())  # (B, h, w)
+            labels.append(torch.tensor([-1 if label is None else label for label in batch["labels"]]))
 
-    records = gather_object(records)
-    skipped = gather_object(skipped)
+    # Each process leaves its rows in a shard file and the main process merges them: gathering Python
+    # objects would copy every process's tokens to every process (ImageNet: tens of GB each).
     h, w = tokenizer.grid_shape(data.image_size, data.image_size)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shard = out_path.parent / f".{out_path.name}.shard{accelerator.process_index}.safetensors"
+    empty = torch.zeros(0, dtype=torch.long)
+    save_file({"keys": torch.cat(keys) if keys else empty,
+               "tokens": torch.cat(grids) if grids else torch.zeros(0, h, w, dtype=torch.int32),
+               "labels": torch.cat(labels) if labels else empty}, shard)
+    skipped = gather_object(skipped)
+    num_rows = sum(gather_object([sum(len(k) for k in keys)]))
+    accelerator.wait_for_everyone()
     metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], "tokenizer_hash": tokenizer_fingerprint(tokenizer_path),
                 "tokenizer": str(tokenizer_path), "source": data.source, "split": split, "hflip_rows": hflip_rows,
-                "num_rows": len(records), "skipped_files": len(skipped)}
+                "num_rows": num_rows, "skipped_files": len(skipped)}
     if accelerator.is_main_process:
-        if not records:
+        shards = [out_path.parent / f".{out_path.name}.shard{rank}.safetensors" for rank in range(accelerator.num_processes)]
+        parts = [load_file(path) for path in shards]
+        merged = {name: torch.cat([part[name] for part in parts]) for name in ("keys", "tokens", "labels")}
+        if merged["keys"].numel() == 0:
             raise ValueError(f"no image of {data.source} [{split}] could be tokenized ({len(skipped)} unreadable)")
-        records.sort(key=lambda record: (record[0], record[1]))
-        tokens = torch.tensor([record[2] for record in records], dtype=torch.long)  # (N, h, w)
-        has_labels = records[0][3] is not None
-        labels = [record[3] for record in records] if has_labels else None
-        save_token_dataset(out_path, tokens, labels, metadata)
+        order = merged["keys"].argsort()  # back to source order, each row's flipped copy after it
+        has_labels = bool((merged["labels"] >= 0).all())
+        save_token_dataset(out_path, merged["tokens"][order], merged["labels"][order] if has_labels else None, metadata)
+        for path in shards:
+            path.unlink()
     accelerator.wait_for_everyone()
     return metadata
