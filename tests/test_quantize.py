@@ -370,7 +370,8 @@ def test_bad_inputs_raise_clear_errors():
         z = torch.randn(10, 4)
         z[3, 1] = bad
         with pytest.raises(ValueError, match="finite, got 1 NaN/inf"):
-            q(z)
+            q.eval()(z)
+    q.train()
     with pytest.raises(ValueError, match="floating point"):
         q(torch.ones(10, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 8\), got values in \[0, 8\]"):
@@ -427,3 +428,19 @@ def test_distributed_ranks_keep_bitwise_identical_codebooks(tmp_path):
         assert torch.equal(a["usage"], b["usage"])
         assert not torch.equal(a["state"]["weight"], b["initial"])
         assert int(a["state"]["seen"]) == 4 * (2 + 3) * 9  # indices of both ranks counted
+
+
+def test_nonfinite_rows_in_training_reach_the_loss_but_not_the_codebook():
+    """An fp16 overflow in the encoder must make the loss non-finite (the loop skips the step on every
+    process) without poisoning the EMA codebook, the usage counters or a restart."""
+    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=4, use_ema=True, dead_code_threshold=1))
+    q(torch.randn(64, 4))  # first call: initialise
+    z = torch.randn(64, 4)
+    z[5] = float("inf")
+    z[9, 2] = float("nan")
+    before_seen = int(q.seen)
+    out = q(z)
+    assert not torch.isfinite(out.loss)
+    for name in ("weight", "cluster_size", "embed_avg"):
+        assert torch.isfinite(getattr(q, name)).all(), name
+    assert int(q.seen) - before_seen == 62  # the two bad rows are not counted

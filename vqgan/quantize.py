@@ -156,7 +156,9 @@ class VectorQuantizer(nn.Module):
             if cfg.l2_normalize:
                 h = F.normalize(h, dim=1)
             if self.training:
-                self._prepare_codebook(h.detach())
+                h_detached = h.detach()
+                h_stats = self._finite_rows(h_detached)  # (N, c): h_detached itself, or non-finite rows zeroed
+                self._prepare_codebook(h_stats)
             codes = self.codebook  # (K, c)
             if self.training and cfg.use_ema:
                 codes = codes.clone()  # NOTE: the EMA update below writes the buffer in place
@@ -172,7 +174,11 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(indices, minlength=cfg.num_codes)  # (K,)
             batch_perplexity = perplexity(counts)
             if self.training:
-                self._update_statistics(h.detach(), indices, counts)
+                stat_counts = counts
+                if h_stats is not h_detached:  # some rows were non-finite: they count for nothing
+                    finite = torch.isfinite(h.detach()).all(dim=1)
+                    stat_counts = torch.bincount(indices[finite], minlength=cfg.num_codes)
+                self._update_statistics(h_stats, indices, stat_counts)
             usage = self._window_usage()
         out = self.project_out(out) if self.project_out is not None else out  # (N, D)
         return QuantizerOutput(
@@ -218,7 +224,9 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"z must be a floating point tensor, got dtype {z.dtype}")
         if z.numel() == 0:
             raise ValueError(f"z must hold at least one vector, got shape {tuple(z.shape)}")
-        if not torch.isfinite(z).all():
+        # In training a non-finite encoder output (an fp16 overflow) must reach the loss, so that the loop
+        # skips the step on every process; the statistics leave those rows out (see forward).
+        if not self.training and not torch.isfinite(z).all():
             bad = int((~torch.isfinite(z)).sum())
             raise ValueError(f"z must be finite, got {bad} NaN/inf values out of {z.numel()}")
         return rearrange(z, "b d h w -> (b h w) d") if z.dim() == 4 else z
@@ -233,6 +241,12 @@ class VectorQuantizer(nn.Module):
             return rearrange(rows, "(b h w) -> b h w", b=b, h=h, w=w)
         # contiguous: a channels-last view would silently switch the decoder's convs to that layout
         return rearrange(rows, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous()
+
+    @staticmethod
+    def _finite_rows(h: Tensor) -> Tensor:
+        """h itself when every value is finite; otherwise a copy with the non-finite rows set to zero."""
+        finite = torch.isfinite(h).all(dim=1, keepdim=True)  # (N, 1)
+        return h if bool(finite.all()) else torch.where(finite, h, torch.zeros_like(h))
 
     # -- gradient estimators ------------------------------------------------------------------
 
