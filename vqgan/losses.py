@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqgan.utils import is_distributed
+
 RECONSTRUCTION_KINDS = ("l1", "l2", "categorical")
 GAN_KINDS = ("hinge", "non_saturating", "vanilla")  # "vanilla" is taming's name for non-saturating
 NUM_BINS = 256  # categorical decoder: 8-bit intensities
@@ -129,8 +131,12 @@ class LeCAM(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
-        self.ema_real.lerp_(logits_real.float().mean(), 1.0 - self.decay)
-        self.ema_fake.lerp_(logits_fake.float().mean(), 1.0 - self.decay)
+        means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])  # (2,)
+        if is_distributed():  # the same averages on every process, so a resume restores all of them
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
+        self.ema_real.lerp_(means[0], 1.0 - self.decay)
+        self.ema_fake.lerp_(means[1], 1.0 - self.decay)
         self.num_updates += 1
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
