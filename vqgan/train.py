@@ -197,14 +197,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             export_checkpoint(folder, folder / "tokenizer", use_ema=ema is not None)
 
+    def merge_skipped_files() -> None:
+        """Fold this window's unreadable files of every process into the run's list (all processes call it)."""
+        state["skipped_files"] = sorted(set(state["skipped_files"]).union(gather_object(sorted(local_skipped))))
+        local_skipped.clear()
+
     def checkpoint() -> Path:
+        merge_skipped_files()
         return save_checkpoint(accelerator, checkpoint_root, dict(state), write_checkpoint_files, loop.keep_checkpoints)
 
     # --- loop ---
     progress = tqdm(total=loop.steps, initial=state["step"], disable=not (accelerator.is_main_process and loop.progress_bar),
                     desc="train")
     nonfinite_in_row = 0
-    local_skipped: set[str] = set()  # unreadable files this process met since the last log; merged there
+    local_skipped: set[str] = set()  # unreadable files this process met since the last merge
     window_start, window_images = time.perf_counter(), 0
     logs: dict[str, float] = {}
     while state["step"] < loop.steps:
@@ -284,9 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             if step % loop.log_every == 0 or step == loop.steps:
                 elapsed = time.perf_counter() - window_start
-                # distinct files, however many epochs drew them
-                state["skipped_files"] = sorted(set(state["skipped_files"]).union(gather_object(sorted(local_skipped))))
-                local_skipped.clear()
+                merge_skipped_files()  # distinct files, however many epochs drew them
                 logs = {k: float(v) for k, v in g_logs.items()}
                 logs.update(perplexity=float(quant.perplexity), usage=float(quant.usage), lr=sched_g.get_last_lr()[0],
                             images_per_s=window_images / max(elapsed, 1e-9), skipped_files=len(state["skipped_files"]),
