@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from common import describe_machine, peak_extra_bytes, timed  # noqa: E402
 from vqgan.quantize import QuantizerConfig, VectorQuantizer  # noqa: E402
 from vqgan.quantize_utils import chunk_rows  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
@@ -41,38 +39,10 @@ CASES = ((256, 1024), (256, 16384), (8, 16384))  # (D, K)
 RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.md"
 
 
-def _proc_status_kb(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
-    """Peak memory above the starting level while fn() runs (CUDA allocator or CPU resident set)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = _proc_status_kb("VmRSS")
-    fn()
-    return (_proc_status_kb("VmHWM") - start) * 1024
-
-
 def best_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up call, in seconds."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn, device) for _ in range(repeats))
 
 
 def quantizer_step(z: torch.Tensor, grad: torch.Tensor, quantizer: VectorQuantizer) -> Callable[[], None]:
@@ -109,19 +79,6 @@ def matmul_step(z: torch.Tensor, codes: torch.Tensor, grad_nk: torch.Tensor) -> 
         (z @ codes.t()).backward(grad_nk)  # (N, K) forward, two matmuls backward
 
     return step
-
-
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        hw = f"GPU {torch.cuda.get_device_name(device)}"
-    else:
-        cpu = platform.processor() or "unknown CPU"
-        cpuinfo = Path("/proc/cpuinfo")
-        if cpuinfo.exists():
-            match = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-            cpu = match.group(1).strip() if match else cpu
-        hw = f"CPU {cpu}, {torch.get_num_threads()} torch threads"
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
 def fmt_mb(num_bytes: float) -> str:

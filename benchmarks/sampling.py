@@ -10,13 +10,11 @@ Random weights: speed does not depend on what the model learned. Each measuremen
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
 
+from common import describe_machine, timed
 from vqgan.prior import PixelCNNConfig, PixelCNNPrior, TransformerConfig, TransformerPrior
 from vqgan.prior.sampling import sample_pixelcnn, sample_transformer
 from vqgan.utils import atomic_write_text, count_parameters, format_count
@@ -27,36 +25,6 @@ NOTE = (
     "is bound by memory bandwidth, while the uncached step re-encodes the prefix and is bound by compute; "
     "the speed-up therefore grows with the batch."
 )
-
-
-def machine(device: torch.device) -> str:
-    """One line naming the hardware and software that produced the numbers."""
-    if device.type == "cuda":
-        hw = f"CUDA {torch.cuda.get_device_name(device)}"
-    else:
-        cpu = platform.processor() or "unknown CPU"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        hw = (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
-              f"(load average {load} at the start, shared machine)")
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
-def timed(fn, device: torch.device) -> float:
-    """Seconds of one call of fn(), with the device drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -86,7 +54,7 @@ def main() -> None:
                           num_layers=args.pixelcnn_layers, kernel_size=5)
     transformer = TransformerPrior(tcfg).to(device).eval()
     pixelcnn = PixelCNNPrior(pcfg).to(device).eval()
-    described = machine(device)
+    described = describe_machine(device)
     print(f"machine: {described}")
     print(f"transformer: {tcfg}\n  {format_count(count_parameters(transformer))} parameters")
     print(f"pixelcnn: {pcfg}\n  {format_count(count_parameters(pixelcnn))} parameters")
