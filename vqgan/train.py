@@ -7,7 +7,6 @@ generator (encoder + quantizer + decoder) update, then the discriminator update,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -30,7 +29,14 @@ from vqgan.ema import create_ema, update_ema
 from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, generator_loss
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
-from vqgan.train_utils import build_accelerator, count_anywhere, evaluate_reconstruction, log_image_grid, start_run
+from vqgan.train_utils import (
+    build_accelerator,
+    count_anywhere,
+    evaluate_reconstruction,
+    log_image_grid,
+    parse_recipe_args,
+    start_run,
+)
 from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 
@@ -116,15 +122,8 @@ def differentiable_images(model: VQModel, decoded: torch.Tensor) -> torch.Tensor
     return decoded if model.config.autoencoder.output == "pixels" else expected_image(decoded)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args = parse_recipe_args(__doc__, argv)
     config = load_train_config(args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train

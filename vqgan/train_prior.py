@@ -7,7 +7,6 @@ tokenizer and image data, the images are tokenized first. The run ends with a gr
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import tokenize_dataset
 from vqgan.prior.transformer import TransformerConfig
-from vqgan.train_utils import build_accelerator, count_anywhere, start_run
+from vqgan.train_utils import build_accelerator, count_anywhere, parse_recipe_args, start_run
 from vqgan.utils import count_parameters, format_count
 
 
@@ -107,15 +106,8 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
     return tokens, labels, metadata
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/prior_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    args = parse_recipe_args(__doc__, argv)
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,14 @@ from torchvision.utils import make_grid, save_image
 from vqgan.config import save_config, to_dict
 from vqgan.metrics.image_metrics import psnr
 from vqgan.utils import atomic_write_bytes, images_from_model_range
+
+
+def parse_recipe_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """`RECIPE.yaml [key=value ...]`, the command line of both training entry points."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    return parser.parse_args(argv)
 
 
 def build_accelerator(run_dir: Path, mixed_precision: str, grad_accum_steps: int, tracker: str) -> Accelerator:

@@ -54,3 +54,11 @@ def images_from_model_range(images: torch.Tensor) -> torch.Tensor:
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def as_grid(grid: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """A token grid (h, w) from an int (square) or a pair; anything else is a ValueError."""
+    pair = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
+    return pair

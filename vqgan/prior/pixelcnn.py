@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqgan.prior.sampling import SamplingConfig, sample_pixelcnn
+from vqgan.utils import as_grid
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,7 @@ class PixelCNNConfig:
     num_classes: int = 0                  # 0 = unconditional
 
     def __post_init__(self) -> None:
-        if isinstance(self.grid, int):
-            object.__setattr__(self, "grid", (self.grid, self.grid))
-        object.__setattr__(self, "grid", tuple(self.grid))
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid must be (h, w) with h, w >= 1, got {self.grid}")
+        object.__setattr__(self, "grid", as_grid(self.grid))
         if self.num_codes < 2:
             raise ValueError(f"num_codes must be >= 2, got {self.num_codes}")
         if self.kernel_size < 3 or self.kernel_size % 2 == 0:

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqgan.prior.sampling import SamplingConfig, sample_transformer
+from vqgan.utils import as_grid
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,7 @@ class TransformerConfig:
     class_dropout: float = 0.0             # p of replacing the class by the null class while training (CFG)
 
     def __post_init__(self) -> None:
-        if isinstance(self.grid, int):
-            object.__setattr__(self, "grid", (self.grid, self.grid))
-        object.__setattr__(self, "grid", tuple(self.grid))
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid must be (h, w) with h, w >= 1, got {self.grid}")
+        object.__setattr__(self, "grid", as_grid(self.grid))
         if self.num_codes < 2 or self.num_classes < 0:
             raise ValueError(f"need num_codes >= 2 and num_classes >= 0, got {self.num_codes}, {self.num_classes}")
         if self.dim % self.heads:
