@@ -365,3 +365,19 @@ def test_image_grid_layout_and_pixels(tmp_path):
     assert grid.convert("RGB").getpixel((pad + cell_w + 32, pad + 32)) == (255, 0, 0)
     with pytest.raises(ValueError, match="got 2 captions for 5 images"):
         save_image_grid(images, tmp_path / "bad.png", captions=["a", "b"])
+
+
+@pytest.mark.slow
+def test_tool_fid_equals_torch_fidelity_at_pool3(weights, folders):
+    """The literature's 2048-d pool3 features end to end (8 images per side: rank-deficient covariances,
+    which both implementations must still agree on)."""
+    import torch_fidelity
+
+    folder_a, folder_b, _ = folders
+    ours = run_tool([str(folder_a), str(folder_b), "--inception-weights", str(weights), "--num-workers", "0",
+                     "--batch-size", "8"])
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(folder_a), input2=str(folder_b), fid=True, cuda=False, feature_extractor_weights_path=str(weights),
+        cache=False, verbose=False, save_cpu_ram=True,
+    )["frechet_inception_distance"]
+    assert ours["fid"] == pytest.approx(theirs, rel=1e-3)
