@@ -87,3 +87,19 @@ def test_fixed_length_tuple_converts_each_item_with_its_own_type():
         from_dict(Pair, {"betas": [0.5, 0.5]})
     with pytest.raises(ConfigError, match="expected 2 items, got 3"):
         from_dict(Pair, {"betas": [0.5, 1, 2]})
+
+
+def test_atomic_write_replaces_whole_file_with_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from vqgan.utils import atomic_write_text
+
+    target = tmp_path / "out" / "summary.json"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert list(target.parent.iterdir()) == [target]  # no temporary file left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
