@@ -29,7 +29,11 @@ child process run with MALLOC_MMAP_THRESHOLD_=65536, so that every large buffer 
 resident memory follows live memory.
 
     .venv/bin/python benchmarks/train_step.py --threads 2 --dtype fp32 bf16 --taming-ref /tmp/taming_ref
-    .venv/bin/python benchmarks/train_step.py --device cuda --dtype bf16 --channels-last [--compile]
+    .venv/bin/python benchmarks/train_step.py --threads 1 --dtype fp32 bf16 --taming-ref /tmp/taming_ref --append
+    .venv/bin/python benchmarks/train_step.py --device cuda --dtype fp32 bf16 --channels-last [--compile] --append
+
+Each run writes one section (a fresh file, or added to it with --append); `--profile` adds a
+torch.profiler table per case.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from common import peak_extra_bytes, timed  # noqa: E402
 from vqgan.autoencoder import VQModel, VQModelConfig, preset  # noqa: E402
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa: E402
 from vqgan.ema import create_ema, update_ema  # noqa: E402
@@ -81,7 +85,6 @@ class Setup:
     batch_size: int
     image_size: int
     ema_decay: float
-    source: str
 
 
 def load_setup(name: str) -> Setup:
@@ -90,11 +93,10 @@ def load_setup(name: str) -> Setup:
         cfg = load_train_config(str(ROOT / "recipes" / "quickstart.yaml"), [])
         loss = dataclasses.replace(cfg.loss, perceptual_weight=0.0, disc_start=0)
         return Setup(cfg.model, cfg.discriminator, loss, cfg.optim, cfg.disc_optim, cfg.train.batch_size,
-                     cfg.data.image_size, cfg.train.ema_decay, "recipes/quickstart.yaml")
+                     cfg.data.image_size, cfg.train.ema_decay)
     if name == "taming_f4":
         loss = LossConfig(perceptual_weight=0.0, disc_start=0)
-        return Setup(preset("taming_f4"), DiscriminatorConfig(), loss, OptimConfig(), OptimConfig(), 16, 32, 0.0,
-                     'preset("taming_f4"), DiscriminatorConfig(), LossConfig(), OptimConfig()')
+        return Setup(preset("taming_f4"), DiscriminatorConfig(), loss, OptimConfig(), OptimConfig(), 16, 32, 0.0)
     raise ValueError(f"unknown config {name!r}; expected one of {CONFIGS}")
 
 
@@ -110,7 +112,7 @@ class Case:
         return f"{self.config}:{self.step}:{self.impl}:{self.dtype}"
 
     @staticmethod
-    def from_key(key: str) -> "Case":
+    def from_key(key: str) -> Case:
         return Case(*key.split(":"))
 
 
@@ -201,42 +203,13 @@ def build_step(case: Case, args: argparse.Namespace) -> tuple[Callable[[], None]
     return full_step, setup.batch_size, about
 
 
-def timed(step: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _proc_status_kb(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak memory above the level before one call of `step` (CUDA allocator, or CPU resident set)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    start = _proc_status_kb("VmRSS")
-    step()
-    return (_proc_status_kb("VmHWM") - start) * 1024
-
-
 def measure_memory(case: Case, args: argparse.Namespace) -> int:
     """Peak extra bytes of one step after two warm-up steps; on CPU in a child process (module doc)."""
     if torch.device(args.device).type == "cuda" or args.measure_child:
         step, _, _ = build_step(case, args)
         step()
         step()
-        return peak_step_bytes(step, torch.device(args.device))
+        return peak_extra_bytes(step, torch.device(args.device))
     command = [sys.executable, __file__, "--measure-child", case.key, "--device", args.device,
                "--threads", str(torch.get_num_threads())]
     command += ["--channels-last"] if args.channels_last else []
@@ -322,7 +295,7 @@ def run(args: argparse.Namespace) -> str:
         return f"{images_per_s(case) / images_per_s(ref):.2f}x" if ref in medians else ""
 
     lines = [
-        "# Training step benchmark",
+        f"## {describe_device(device)}: {', '.join(args.dtype)}",
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/train_step.py', *sys.argv[1:]])}`",
         "",
@@ -361,7 +334,8 @@ def run(args: argparse.Namespace) -> str:
             quoted = f"{ips / TAMING_QUOTED_IMAGES_PER_S:.2f}x"
         lines.append(
             f"| {case.config} | {case.step} | {about} | {case.dtype} | {batch} | {ips:.1f} "
-            f"| {1e3 * min(medians[case]):.1f} | {rounds} | {memory[case] / 2**20:,.0f} MB | {same} | {fp32} | {quoted} |"
+            f"| {1e3 * min(medians[case]):.1f} | {rounds} | {memory[case] / 2**20:,.0f} MB "
+            f"| {same} | {fp32} | {quoted} |"
         )
     lines += ["", f"Goal: at least {GOAL_RATIO}x taming's images/s on the taming_f4 `gen` step."]
     for dtype in args.dtype:
@@ -384,7 +358,7 @@ def run(args: argparse.Namespace) -> str:
         lines.append("No same-machine taming run (pass --taming-ref DIR): only the quoted figure is compared.")
     if args.profile:
         for case in cases:
-            lines += ["", f"## Profile: {case.key}", "", "```", profile(case, args), "```"]
+            lines += ["", f"### Profile: {case.key}", "", "```", profile(case, args), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -427,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report)
     if args.append and args.out.exists():
-        report = args.out.read_text() + "\n" + report
+        report = args.out.read_text().rstrip("\n") + "\n\n" + report
+    else:
+        report = "# Training step benchmark\n\n" + report
     atomic_write_text(args.out, report)
     print(f"{'appended to' if args.append else 'wrote'} {args.out}")
 
