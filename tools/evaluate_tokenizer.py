@@ -30,6 +30,7 @@ from vqgan.metrics.image_metrics import psnr, ssim  # noqa: E402
 from vqgan.metrics.inception import load_inception  # noqa: E402
 from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne, save_image_grid  # noqa: E402
 from vqgan.perceptual import LPIPS, MissingWeightsError  # noqa: E402
+from vqgan.quantize_utils import perplexity  # noqa: E402
 from vqgan.utils import atomic_write_text, images_from_model_range  # noqa: E402
 
 
@@ -88,8 +89,6 @@ def evaluate(tokenizer: VQTokenizer, loader, lpips: LPIPS | None, inception, dev
     progress.close()
     if seen == 0:
         raise ValueError("the split has no readable image to evaluate")
-    probs = counts.double() / counts.sum()
-    nonzero = probs[probs > 0]
     metrics = {
         "num_images": seen,
         "psnr": sums["psnr"] / seen,
@@ -97,7 +96,7 @@ def evaluate(tokenizer: VQTokenizer, loader, lpips: LPIPS | None, inception, dev
         "lpips": sums["lpips"] / seen if lpips is not None else None,
         "rfid": None,
         "usage": float((counts > 0).double().mean()),
-        "perplexity": float(torch.exp(-(nonzero * nonzero.log()).sum())),
+        "perplexity": float(perplexity(counts)),
         "num_codes": tokenizer.num_codes,
         "tokens_per_image": int(ids[0].numel()),
     }

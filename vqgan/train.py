@@ -26,6 +26,7 @@ from vqgan.config import ConfigError, apply_overrides, from_dict, read_recipe, t
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.ema import create_ema, update_ema
+from vqgan.export import VQTokenizer, export_checkpoint
 from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, generator_loss
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
@@ -192,8 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "metrics": state.get("eval", {})}
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if loop.export_with_checkpoint:
-            from vqgan.export import export_checkpoint  # written after the files it reads
-
             export_checkpoint(folder, folder / "tokenizer", use_ema=ema is not None)
 
     def merge_skipped_files() -> None:
@@ -315,8 +314,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "skipped_file_names": state["skipped_files"][:100],
                "nonfinite_steps": state["nonfinite_steps"], "run_dir": str(run_dir)}
     if accelerator.is_main_process:
-        from vqgan.export import VQTokenizer
-
         VQTokenizer.from_model(final_model, train_summary=summary).save_pretrained(run_dir / "tokenizer")
         summary["tokenizer"] = str(run_dir / "tokenizer")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from vqgan.config import save_config, to_dict
 from vqgan.metrics.image_metrics import psnr
+from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_bytes, images_from_model_range
 
 
@@ -110,11 +111,9 @@ def evaluate_reconstruction(model: torch.nn.Module, loader, accelerator: Acceler
     model.train(was_training)
     if counts is None:
         return {}
-    probs = counts.double() / counts.sum()
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
     return {
         "psnr": float(torch.cat(psnrs).mean()),
         "usage": float((counts > 0).double().mean()),
-        "perplexity": float(entropy.exp()),
+        "perplexity": float(perplexity(counts)),
         "num_images": int(sum(p.numel() for p in psnrs)),
     }
