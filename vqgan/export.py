@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -27,7 +24,7 @@ from torch import nn
 
 from vqgan.autoencoder import VQModel, VQModelConfig
 from vqgan.config import from_dict, to_dict
-from vqgan.utils import images_from_model_range, images_to_model_range
+from vqgan.utils import images_from_model_range, images_to_model_range, replace_folder_atomically
 
 FORMAT_NAME = "vqgan-tokenizer"
 FORMAT_VERSION = 1  # bump when config.json or the weight names change meaning; older readers refuse newer files
@@ -166,31 +163,7 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None]) 
         if any(out_dir.iterdir()) and not _is_tokenizer_folder(out_dir):
             raise ExportError(f"output {out_dir} exists, is not empty and is not a vqgan tokenizer folder; "
                               f"refusing to replace it (choose another folder or remove it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        write(tmp)
-        # mkdtemp/mkstemp/safetensors create owner-only files; an exported model is meant to be shared.
-        os.chmod(tmp, 0o755)
-        for path in tmp.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            # POSIX rename cannot replace a non-empty folder: move the old one aside, then swap.
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / "x")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old / "x", out_dir)  # put the previous export back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return replace_folder_atomically(out_dir, write)
 
 
 def _is_tokenizer_folder(path: Path) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -35,6 +37,38 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)`, then move it to `out_dir`: a reader sees the old folder or the new one, whole.
+
+    Files get the usual permissions (mkdtemp and safetensors create owner-only ones).
+    """
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        for path in tmp.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        if out_dir.exists():
+            # POSIX rename cannot replace a non-empty folder: move the old one aside, then swap.
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            os.replace(out_dir, old / "x")
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old / "x", out_dir)  # put the previous folder back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

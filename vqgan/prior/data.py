@@ -8,8 +8,6 @@ so that a prior refuses tokens from a tokenizer with another codebook size or gr
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +15,7 @@ import datasets
 import torch
 from torch import Tensor
 
-from vqgan.utils import atomic_write_text
+from vqgan.utils import atomic_write_text, replace_folder_atomically
 
 METADATA_FILE = "tokenizer.json"
 METADATA_KEYS = ("num_codes", "grid", "tokenizer_hash")
@@ -66,21 +64,11 @@ def save_token_dataset(
             "tokenizer_hash": str(metadata["tokenizer_hash"])}
     meta.update({k: v for k, v in metadata.items() if k not in meta})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        _token_table(tokens, labels, datasets.Features(features)).save_to_disk(str(tmp))
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2))
-        if path.exists():  # rename() cannot replace a non-empty folder: move the old one aside first
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            path.rename(old / path.name)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def write(folder: Path) -> None:
+        _token_table(tokens, labels, datasets.Features(features)).save_to_disk(str(folder))
+        atomic_write_text(folder / METADATA_FILE, json.dumps(meta, indent=2))
+
+    replace_folder_atomically(path, write)
 
 
 def _token_table(tokens: Tensor, labels: Tensor | None, features: datasets.Features,

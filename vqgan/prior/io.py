@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from torch import nn
 from vqgan.config import from_dict, to_dict
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
+from vqgan.utils import replace_folder_atomically
 
 FORMAT_VERSION = 1
 PRIORS: dict[str, tuple[type, type[nn.Module]]] = {
@@ -37,21 +36,14 @@ def build_prior(kind: str, config: Any) -> nn.Module:
 
 def save_prior(model: nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write config.json + model.safetensors into `directory`, replacing it only once complete."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
-        meta = {"format_version": FORMAT_VERSION, "kind": prior_kind(model), "config": to_dict(model.config)}
-        meta.update(extra or {})
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    meta = {"format_version": FORMAT_VERSION, "kind": prior_kind(model), "config": to_dict(model.config)}
+    meta.update(extra or {})
+
+    def write(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+
+    return replace_folder_atomically(Path(directory), write)
 
 
 def load_prior(directory: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
