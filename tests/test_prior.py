@@ -1,13 +1,17 @@
 """Priors over token grids: causality, KV cache, sampling filters, learning a known distribution, token datasets."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vqgan.autoencoder import VQModel, preset
 from vqgan.config import from_dict
+from vqgan.export import VQTokenizer
 from vqgan.prior import (
     PixelCNNConfig,
     PixelCNNPrior,
@@ -25,6 +29,7 @@ from vqgan.prior import (
     save_token_dataset,
     token_dataset_tensors,
 )
+from vqgan.prior.io import save_prior
 
 
 def tiny_transformer(**overrides) -> TransformerPrior:
@@ -136,8 +141,9 @@ def test_kv_cache_logits_equal_full_forward(positions):
     [
         (dict(num_classes=0), dict()),
         (dict(num_classes=3, positions="rope2d"), dict(labels=[0, 1, 2, 1], top_k=4)),
-        (dict(num_classes=3), dict(labels=2, cfg_scale=3.0, top_p=0.9, temperature=0.8)),
-        (dict(num_classes=3, positions="rope2d"), dict(labels=[2, 0, 1, 1], cfg_scale=0.5, top_k=3, top_p=0.7)),
+        (dict(num_classes=3, class_dropout=0.1), dict(labels=2, cfg_scale=3.0, top_p=0.9, temperature=0.8)),
+        (dict(num_classes=3, positions="rope2d", class_dropout=0.1),
+         dict(labels=[2, 0, 1, 1], cfg_scale=0.5, top_k=3, top_p=0.7)),
     ],
 )
 def test_kv_cache_sampling_equals_uncached(model_kw, sample_kw):
@@ -156,7 +162,7 @@ def test_kv_cache_sampling_equals_uncached(model_kw, sample_kw):
 
 
 def test_cfg_combines_conditional_and_unconditional_logits():
-    model = tiny_transformer(num_classes=3).eval()
+    model = tiny_transformer(num_classes=3, class_dropout=0.1).eval()
     labels, scale = torch.tensor([0, 1, 2]), 2.5
     with torch.no_grad():
         cond = model(model.start_ids(labels, 3)[:, None])[:, :, 0]  # logits of z_0
@@ -284,6 +290,8 @@ def test_invalid_labels_and_guidance_raise():
         sample_pixelcnn(tiny_pixelcnn(num_classes=2), 2)
     with pytest.raises(ValueError, match="cfg_scale"):
         tiny_pixelcnn().sample(1, config=SamplingConfig(cfg_scale=2.0))
+    with pytest.raises(ValueError, match="labels"):
+        tiny_pixelcnn(num_classes=2).sample(1, config=SamplingConfig())  # no null class: labels are required
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=2.0)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 6\)"):
@@ -292,6 +300,42 @@ def test_invalid_labels_and_guidance_raise():
         tiny_transformer()(torch.zeros(1, 4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible by 4"):
         TransformerConfig(dim=24, heads=4, positions="rope2d")
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        (dict(), r"labels=None samples from the null class"),
+        (dict(labels=[0, 1], cfg_scale=2.0), r"cfg_scale=2\.0 uses the null class as the unconditional branch"),
+    ],
+    ids=["no-labels", "cfg"],
+)
+def test_untrained_null_class_is_refused(kwargs, why):
+    """class_dropout=0 never trains the null class, so neither unconditional sampling nor CFG may use it."""
+    model = tiny_transformer(num_classes=3, class_dropout=0.0)
+    fix = r"train with transformer\.class_dropout > 0, e\.g\. 0\.1, or pass labels and cfg_scale=1"
+    with pytest.raises(ValueError, match=rf"{why}.*class_dropout=0, so its null class never trained: {fix}"):
+        sample_transformer(model, 2, **kwargs)
+    with pytest.raises(ValueError, match=why):
+        model.sample(2, kwargs.get("labels"), SamplingConfig(cfg_scale=kwargs.get("cfg_scale", 1.0)))
+    assert sample_transformer(model, 2, labels=[0, 1]).shape == (2, 4, 4)  # labels, no guidance: fine
+    trained = tiny_transformer(num_classes=3, class_dropout=0.1)
+    assert sample_transformer(trained, 2, **kwargs).shape == (2, 4, 4)
+    assert sample_transformer(tiny_transformer(num_classes=0), 2).shape == (2, 4, 4)  # its start token trains
+
+
+def test_sample_tool_reports_the_untrained_null_class_in_one_line(tmp_path, capsys):
+    tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")  # K=256
+    prior_dir = save_prior(tiny_transformer(num_codes=256, num_classes=3), tmp_path / "prior",
+                           {"tokenizer": str(tokenizer_dir)})
+    path = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
+    spec = importlib.util.spec_from_file_location("tool_sample", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(prior_dir), "--out", str(tmp_path / "out"), "--num-samples", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: labels=None samples from the null class")
+    assert "transformer.class_dropout > 0" in err
 
 
 def test_configs_are_frozen_and_load_from_dicts():

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+# Modules whose `.weight` multiplies the input (a matrix or a conv kernel): the only weights that decay.
+# Everything else stays undecayed: biases, GroupNorm/LayerNorm/BatchNorm scales, nn.Embedding tables, the
+# VQ codebook (VectorQuantizer.weight, affine_scale/shift) and bare nn.Parameters such as positional
+# embeddings. Decay would pull codes and norm gains towards 0 for no regularising benefit.
+DECAYED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
 
 
 @dataclass(frozen=True)
@@ -22,17 +32,74 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """Adam, or AdamW when weight decay is set."""
-    params = [p for p in params if p.requires_grad]
-    if config.weight_decay > 0:
-        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+def _matrix_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensor(s) behind a DECAYED_MODULES module's `.weight`."""
+    if parametrize.is_parametrized(module, "weight"):
+        # spectral_norm (torch.nn.utils.parametrizations) keeps the raw kernel as `.original`; a module's
+        # `.weight` is then a computed tensor, not a parameter.
+        original = getattr(module.parametrizations.weight, "original", None)
+        return [original] if original is not None else []
+    return [module.weight]
+
+
+def decay_split(module: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Trainable parameters of `module` -> (decayed, not decayed) as (name, parameter) in module order.
+
+    Decayed: the weights of DECAYED_MODULES. Every trainable parameter lands in exactly one list.
+    """
+    decayed_ids = {id(p) for m in module.modules() if isinstance(m, DECAYED_MODULES) for p in _matrix_weights(m)}
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    decay = [(name, p) for name, p in trainable if id(p) in decayed_ids]
+    no_decay = [(name, p) for name, p in trainable if id(p) not in decayed_ids]
+    # nanoGPT's check that every parameter was considered, once.
+    assert {id(p) for _, p in decay}.isdisjoint(id(p) for _, p in no_decay)
+    assert len(decay) + len(no_decay) == len(trainable)
+    return decay, no_decay
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW param groups: [{matrix weights, weight_decay}, {everything else, 0.0}].
+
+    The split of minGPT / early nanoGPT `configure_optimizers` (karpathy/nanoGPT model.py: decay the
+    weights of Linear modules, not biases, LayerNorm or Embedding weights; taming-transformers' GPT does
+    the same), with convolutions counted as matrices. NOTE: today's nanoGPT decays every tensor of
+    dim >= 2, which would also decay embeddings and the codebook; we keep the module-based rule.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    decay, no_decay = decay_split(module)
+    return [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module | Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
+    """Adam; AdamW with decay on the matrix weights only (weight_decay_groups) when weight_decay > 0.
+
+    Pass the module itself: a bare iterable of parameters cannot be split and is refused with decay on.
+    """
+    if isinstance(model, nn.Module):
+        if config.weight_decay > 0:
+            groups = weight_decay_groups(model, config.weight_decay)
+            return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        if config.weight_decay > 0:
+            raise TypeError(
+                f"build_optimizer got a plain iterable of parameters with weight_decay={config.weight_decay}: "
+                "pass the module itself (build_optimizer(model, config)) so that only the conv/linear weights "
+                "are decayed, not norms, biases, embeddings or the codebook"
+            )
+        params = [p for p in model if p.requires_grad]
     return torch.optim.Adam(params, lr=config.lr, betas=config.betas)
 
 

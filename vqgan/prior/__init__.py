@@ -4,6 +4,7 @@ from vqgan.prior.data import check_token_dataset, load_token_dataset, save_token
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior, nll_bits
 from vqgan.prior.sampling import (
     SamplingConfig,
+    check_null_class_trained,
     filter_logits,
     generator_from_config,
     sample_from_logits,
@@ -15,7 +16,7 @@ from vqgan.prior.transformer import KVCache, TransformerConfig, TransformerPrior
 
 __all__ = [
     "KVCache", "PixelCNNConfig", "PixelCNNPrior", "SamplingConfig", "TransformerConfig", "TransformerPrior",
-    "check_token_dataset", "filter_logits", "generator_from_config", "load_token_dataset", "nll_bits",
-    "sample_from_logits", "sample_pixelcnn", "sample_prior", "sample_transformer", "save_token_dataset",
-    "token_dataset_tensors",
+    "check_null_class_trained", "check_token_dataset", "filter_logits", "generator_from_config",
+    "load_token_dataset", "nll_bits", "sample_from_logits", "sample_pixelcnn", "sample_prior", "sample_transformer",
+    "save_token_dataset", "token_dataset_tensors",
 ]

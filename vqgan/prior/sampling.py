@@ -125,6 +125,28 @@ def _labels_tensor(labels: int | Sequence[int] | Tensor | None, n: int, num_clas
     return labels
 
 
+def check_null_class_trained(num_classes: int, class_dropout: float, labels_given: bool, cfg_scale: float) -> None:
+    """Refuse to sample through the null class of a conditional transformer that never trained it.
+
+    The null-class start token is trained only by class dropout (Ho & Salimans 2022, arXiv:2207.12598):
+    with class_dropout == 0 its embedding keeps its random init, so "unconditional" samples (labels None)
+    and the unconditional branch of CFG (cfg_scale != 1) would come from an untrained input.
+    """
+    if num_classes == 0 or class_dropout > 0:
+        return  # unconditional priors train their single start token on every sequence
+    uses = []
+    if not labels_given:
+        uses.append("labels=None samples from the null class")
+    if cfg_scale != 1.0:
+        uses.append(f"cfg_scale={cfg_scale} uses the null class as the unconditional branch")
+    if uses:
+        raise ValueError(
+            f"{' and '.join(uses)}, but this class-conditional prior ({num_classes} classes) was trained with "
+            "transformer.class_dropout=0, so its null class never trained: train with "
+            "transformer.class_dropout > 0, e.g. 0.1, or pass labels and cfg_scale=1"
+        )
+
+
 @torch.inference_mode()
 def sample_pixelcnn(
     model: PixelCNNPrior,
@@ -168,7 +190,11 @@ def sample_transformer(
     generator: torch.Generator | None = None,
     use_kv_cache: bool = True,
 ) -> Tensor:
-    """Ancestral raster-order sampling of n grids -> (n, h, w); labels None = the null class."""
+    """Ancestral raster-order sampling of n grids -> (n, h, w); labels None = the null class.
+
+    A class-conditional prior trained without class dropout has no usable null class: labels None and
+    cfg_scale != 1 are then refused (check_null_class_trained).
+    """
     cfg = model.config
     check_sampling_settings(temperature, top_k, top_p, cfg.num_codes)
     if not math.isfinite(cfg_scale):
@@ -180,6 +206,7 @@ def sample_transformer(
         raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional prior; this one has num_classes=0")
     if guided and labels is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs labels to guide towards")
+    check_null_class_trained(cfg.num_classes, cfg.class_dropout, labels is not None, cfg_scale)
     start = model.start_ids(labels, n)                                              # (n,)
     if guided:  # rows [0, n) conditional, rows [n, 2n) the null class (Ho & Salimans 2022)
         start = torch.cat([start, model.start_ids(None, n)])                        # (2n,)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vqgan.data import BadItem, DataConfig, build_dataset
-from vqgan.export import VQTokenizer
+from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
 from vqgan.prior.data import save_token_dataset
 from vqgan.utils import images_from_model_range
 
@@ -33,6 +33,58 @@ def tokenizer_fingerprint(folder: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def _tokenizer_config_file(tokenizer_path: str | Path) -> Path:
+    """config.json of a local tokenizer folder, or of a Hub repo (that one file only, no weights)."""
+    path = Path(tokenizer_path).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise ExportError(f"tokenizer folder {path} has no {CONFIG_NAME}")
+        return path / CONFIG_NAME
+    text = str(tokenizer_path)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ExportError(f"tokenizer folder {text} does not exist (and is not a Hub repo id such as 'owner/name')")
+    from huggingface_hub import hf_hub_download  # only here: local folders need no hub client
+
+    try:
+        return Path(hf_hub_download(repo_id=text, filename=CONFIG_NAME))
+    except Exception as err:  # offline, unknown repo, bad id: all mean the same to the caller
+        raise ExportError(f"{text} is not a local folder and its {CONFIG_NAME} could not be fetched: {err}") from err
+
+
+def check_tokenizer_fits_prior(tokenizer_path: str, data: DataConfig, num_codes: int, grid: Sequence[int],
+                               num_classes: int, *, prior: str = "transformer") -> None:
+    """Raise ValueError naming the recipe keys when tokenizing `data` would give tokens the prior cannot use.
+
+    Reads only the tokenizer's config.json (no weights), so a run fails in seconds instead of after
+    tokenizing a whole dataset. `prior` is the recipe section of the prior ("transformer" / "pixelcnn").
+    Checks K (codebook size = prior's num_codes), the grid (data.image_size / downsampling factor, the
+    crops being square) and that a class-conditional prior will get labels.
+    """
+    config, _ = read_tokenizer_config(_tokenizer_config_file(tokenizer_path))
+    k, f, size = config.quantizer.num_codes, config.downsample_factor, data.image_size
+    grid = tuple(grid)
+    problems = []
+    if k != num_codes:
+        problems.append(f"{prior}.num_codes={num_codes} but tokenizer {tokenizer_path} has K={k}: set "
+                        f"{prior}.num_codes={k}, or tokens.tokenizer to a tokenizer with K={num_codes}")
+    if size % f:
+        problems.append(f"tokens.data.image_size={size} is not a multiple of the downsampling factor f={f} of "
+                        f"tokenizer {tokenizer_path}: set tokens.data.image_size to a multiple of {f}")
+    elif (size // f, size // f) != grid:
+        side = size // f
+        fix = f"set {prior}.grid=[{side}, {side}]"
+        if grid[0] == grid[1]:
+            fix += f" or tokens.data.image_size={grid[0] * f}"
+        problems.append(f"{prior}.grid={list(grid)} but tokens.data.image_size={size} / f={f} of tokenizer "
+                        f"{tokenizer_path} gives a {side}x{side} grid: {fix}")
+    if num_classes > 0 and not data.label_column:
+        problems.append(f"{prior}.num_classes={num_classes} but tokens.data.label_column is not set, so the "
+                        f"tokens would have no labels: set tokens.data.label_column (e.g. label) or "
+                        f"{prior}.num_classes=0")
+    if problems:
+        raise ValueError("the tokenizer and tokens.data do not fit the prior: " + "; ".join(problems))
 
 
 @dataclass
