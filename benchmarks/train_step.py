@@ -6,14 +6,18 @@ ch_mult (1, 2, 2), one res block, attention at 8x8, 64-dim codes, K=1024; 32px, 
 default discriminator: ndf 64, 3 layers, BatchNorm; LossConfig and OptimConfig defaults, no EMA).
 Two steps per config:
 
-- `gen`: forward, loss = L1 + quantizer loss, backward, Adam step. The same work as the figure
-  quoted in the issue for taming-transformers (about 33 images/s at batch 16 on a 2-core machine).
-- `full`: the step vqgan/train.py runs once the discriminator is on: generator update (L1 +
-  codebook + adversarial term with the adaptive weight, through vqgan.losses.generator_loss, the
-  finite-loss check, gradient clipping, Adam) then discriminator update
-  (vqgan.losses.discriminator_loss, clipping, Adam), then the EMA update when the config has one.
-  LPIPS is off: its VGG weights are not available offline. Plain torch, no Accelerate wrapper
-  (in one process its backward, clip and autocast are these same calls).
+- `gen`: forward, loss = L1 + quantizer loss, backward, Adam step: `generator_step` with a LossConfig
+  that turns the GAN and perceptual terms off (disc_start never reached, perceptual weight 0), then
+  `apply_updates` without clipping. The same work as the figure quoted in the issue for
+  taming-transformers (about 33 images/s at batch 16 on a 2-core machine).
+- `full`: the step vqgan/train.py runs once the discriminator is on, composed of the same library
+  functions (`RealStep`): one window of one micro-batch: WindowSnapshot, seed_window,
+  `vqgan.training.gan_step.generator_step` (L1 + codebook + adversarial term with the adaptive
+  weight), `discriminator_step`, the non-finite and overflow flags and their one read
+  (reduce_window_flags), `apply_updates` (gradient clipping, both Adams), the schedulers, the EMA
+  update with ema_decay_at when the config has one. VQModel.check_finite is off, as in the loop. LPIPS is off: its VGG
+  weights are not available offline. Plain torch autocast and backward, no DDP wrapper (in one
+  process Accelerate's backward and autocast are these same calls).
 
 With `--taming-ref DIR`, DIR must hold `taming_ref.py` with a `taming_f4_32px()` factory returning
 taming's VQModel (Encoder, Decoder, VectorQuantizer2) whose forward returns (decoded, qloss); its
@@ -42,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import re
@@ -56,13 +61,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from accelerate import Accelerator  # noqa: E402
+from torch import nn  # noqa: E402
+
 from common import peak_extra_bytes, timed  # noqa: E402
 from vqgan.autoencoder import VQModel, VQModelConfig, preset  # noqa: E402
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa: E402
-from vqgan.ema import create_ema, update_ema  # noqa: E402
-from vqgan.losses import LossConfig, discriminator_loss, generator_loss  # noqa: E402
-from vqgan.optim import OptimConfig, build_optimizer  # noqa: E402
+from vqgan.losses import LeCAM, LossConfig  # noqa: E402
+from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 from vqgan.train import load_train_config  # noqa: E402
+from vqgan.training.ema import create_ema, ema_decay_at, update_ema  # noqa: E402
+from vqgan.training.gan_step import discriminator_step, generator_step  # noqa: E402
+from vqgan.training.rng import seed_window  # noqa: E402
+from vqgan.training.run import compile_in_place  # noqa: E402
+from vqgan.training.window import (  # noqa: E402
+    Update,
+    WindowSnapshot,
+    apply_updates,
+    in_place_params,
+    loss_scale,
+    reduce_window_flags,
+)
 from vqgan.utils import atomic_write_text, count_parameters, format_count  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +90,9 @@ CONFIGS = ("quickstart", "taming_f4")
 STEPS = ("gen", "full")
 TAMING_QUOTED_IMAGES_PER_S = 33.0  # from the issue: taming's generator step, batch 16, 2-core machine
 GOAL_RATIO = 1.3
+NEVER = 2**62  # a disc_start no step reaches: the `gen` step's GAN term stays off
+# the `gen` step's objective: L1 + codebook only (taming's setup), through the same generator_step
+GEN_LOSS = LossConfig(reconstruction_kind="l1", perceptual_weight=0.0, codebook_weight=1.0, disc_start=NEVER)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,7 @@ class Setup:
     batch_size: int
     image_size: int
     ema_decay: float
+    total_steps: int  # train.steps: the schedulers' length
 
 
 def load_setup(name: str) -> Setup:
@@ -93,10 +116,10 @@ def load_setup(name: str) -> Setup:
         cfg = load_train_config(str(ROOT / "recipes" / "quickstart.yaml"), [])
         loss = dataclasses.replace(cfg.loss, perceptual_weight=0.0, disc_start=0)
         return Setup(cfg.model, cfg.discriminator, loss, cfg.optim, cfg.disc_optim, cfg.train.batch_size,
-                     cfg.data.image_size, cfg.train.ema_decay)
+                     cfg.data.image_size, cfg.train.ema_decay, cfg.train.steps)
     if name == "taming_f4":
         loss = LossConfig(perceptual_weight=0.0, disc_start=0)
-        return Setup(preset("taming_f4"), DiscriminatorConfig(), loss, OptimConfig(), OptimConfig(), 16, 32, 0.0)
+        return Setup(preset("taming_f4"), DiscriminatorConfig(), loss, OptimConfig(), OptimConfig(), 16, 32, 0.0, 1000)
     raise ValueError(f"unknown config {name!r}; expected one of {CONFIGS}")
 
 
@@ -116,10 +139,79 @@ class Case:
         return Case(*key.split(":"))
 
 
-def autocast(dtype: str, device: str):
+def autocast(dtype: str, device: str | torch.device):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def single_process(device_type: str) -> Accelerator:
+    """The one-process Accelerator whose flags the window reads (reduce_window_flags), as vqgan/train.py's."""
+    return Accelerator(cpu=device_type == "cpu")
+
+
+class RealStep:
+    """One window of one micro-batch of vqgan/train.py's loop, composed of the same library calls.
+
+    `model` and `discriminator` are on the device already (and in channels_last where asked); the
+    EMA copy, the optimizers and schedulers are built here, then both modules are compiled in place
+    when `compile` is set, in the loop's order. Call it once per optimizer step. A non-finite loss
+    raises rather than discarding the window: a benchmark must not time skipped steps.
+    """
+
+    def __init__(self, model: VQModel, discriminator: nn.Module, loss: LossConfig, optim: OptimConfig,
+                 disc_optim: OptimConfig, images: torch.Tensor, dtype: str, ema_decay: float = 0.0,
+                 perceptual: nn.Module | None = None, compile: bool = False, total_steps: int = 10**6):
+        self.model, self.disc, self.loss, self.images, self.dtype = model, discriminator, loss, images, dtype
+        self.optim, self.disc_optim, self.ema_decay, self.perceptual = optim, disc_optim, ema_decay, perceptual
+        self.device = images.device
+        model.check_finite = False  # as vqgan/train.py: the window's non-finite flag catches a NaN input
+        self.lecam = LeCAM(loss.lecam_decay).to(self.device) if loss.lecam_weight > 0 else None
+        self.opt_g, self.opt_d = build_optimizer(model, optim), build_optimizer(discriminator, disc_optim)
+        self.sched_g = build_scheduler(self.opt_g, optim, total_steps)
+        self.sched_d = build_scheduler(self.opt_d, disc_optim, max(1, total_steps - loss.disc_start))
+        self.ema = create_ema(model) if ema_decay > 0 else None
+        if compile:
+            compile_in_place(model, discriminator)
+        self.accelerator = single_process(self.device.type)
+        self.adaptive_fallback = torch.tensor(1.0, device=self.device)  # TrainState.adaptive_weight's default
+        self.step = 0
+        self.batches_seen = 0
+
+    def __call__(self) -> None:
+        model, disc, step, device = self.model, self.disc, self.step, self.device
+        disc_on = step >= self.loss.disc_start
+        snapshot = WindowSnapshot([model, disc, self.lecam], in_place_params(model))
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        overflow = torch.zeros((), device=device)
+        seed_window(0, self.batches_seen, 0)
+        self.batches_seen += 1
+        with autocast(self.dtype, device):
+            gen = generator_step(model, model, disc, self.perceptual, self.images, self.loss, step,
+                                 accum_steps=1, loss_scale=loss_scale(None, device),
+                                 adaptive_fallback=self.adaptive_fallback)
+            nonfinite |= ~torch.isfinite(gen.loss)
+            overflow = overflow + gen.logs["adaptive_overflow"]
+            if disc_on:
+                d_total, _ = discriminator_step(disc, self.images, gen.fake, self.loss, step, self.lecam)
+                nonfinite |= ~torch.isfinite(d_total)
+        flags = reduce_window_flags(self.accelerator, nonfinite, overflow, False)  # the window's one host sync
+        if flags.nonfinite:
+            snapshot.restore()
+            raise RuntimeError(f"non-finite loss at benchmark step {step}")
+        updates = [Update(self.opt_g, list(model.parameters()), self.optim.grad_clip)]
+        if disc_on:
+            updates.append(Update(self.opt_d, list(disc.parameters()), self.disc_optim.grad_clip))
+        apply_updates(updates, None, skip=flags.overflow)  # fp32 and bf16 autocast need no GradScaler
+        self.sched_g.step()
+        if disc_on:
+            self.sched_d.step()
+            if self.loss.use_adaptive_weight and self.loss.disc_weight > 0:
+                self.adaptive_fallback = gen.logs["adaptive_weight"]
+        if self.ema is not None:
+            update_ema(self.ema, model, ema_decay_at(step, self.ema_decay))
+        self.step += 1
 
 
 def prepare_module(module: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -139,68 +231,49 @@ def build_step(case: Case, args: argparse.Namespace) -> tuple[Callable[[], None]
         images = images.contiguous(memory_format=torch.channels_last)
 
     if case.impl == "taming":
+        if case.step != "gen":
+            raise ValueError("only the generator step is benchmarked for the taming reference")
         if args.taming_ref is None:
             raise ValueError("the taming case needs --taming-ref DIR")
         sys.path.insert(0, str(args.taming_ref))
         import taming_ref  # noqa: PLC0415 (optional, outside the repository)
 
-        raw = prepare_module(taming_ref.taming_f4_32px(), args)
-    else:
-        raw = prepare_module(VQModel(setup.model), args)
-        raw.check_finite = not args.no_check_finite
-    about = f"{case.impl} generator {format_count(count_parameters(raw))} params"
-    model = torch.compile(raw) if args.compile else raw
-    opt_g = build_optimizer(raw.parameters(), setup.optim)  # Adam, taming's betas (0.5, 0.9)
+        taming = prepare_module(taming_ref.taming_f4_32px(), args)
+        opt = build_optimizer(taming, setup.optim)  # Adam, taming's betas (0.5, 0.9)
+        if args.compile:
+            compile_in_place(taming)
+        params = list(taming.parameters())
 
+        def taming_gen_step() -> None:  # taming's VQModel returns (decoded, qloss): the same objective by hand
+            with autocast(case.dtype, device):
+                decoded, quant_loss = taming(images)
+                ((decoded.float() - images).abs().mean() + quant_loss).backward()  # L1 + codebook
+            apply_updates([Update(opt, params, 0.0)], None)
+
+        return taming_gen_step, setup.batch_size, f"taming generator {format_count(count_parameters(taming))} params"
+
+    model = prepare_module(VQModel(setup.model), args)
+    about = f"vqgan generator {format_count(count_parameters(model))} params"
     if case.step == "gen":
+        model.check_finite = False  # as vqgan/train.py
+        opt_g = build_optimizer(model, setup.optim)
+        if args.compile:
+            compile_in_place(model)
+        params = list(model.parameters())
+
         def gen_step() -> None:
-            with autocast(case.dtype, args.device):
-                decoded, quant = model(images)
-                quant_loss = quant if case.impl == "taming" else quant.loss
-                loss = (decoded.float() - images).abs().mean() + quant_loss  # L1 + codebook (taming's setup)
-                loss.backward()
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
+            with autocast(case.dtype, device):
+                # disc_start is never reached: no discriminator is called (hence None)
+                generator_step(model, model, None, None, images, GEN_LOSS, 0)
+            apply_updates([Update(opt_g, params, 0.0)], None)  # taming's step does not clip
 
         return gen_step, setup.batch_size, about
 
-    if case.impl == "taming":
-        raise ValueError("only the generator step is benchmarked for the taming reference")
-    raw_disc = prepare_module(PatchDiscriminator(setup.discriminator), args)
-    disc = torch.compile(raw_disc) if args.compile else raw_disc
-    opt_d = build_optimizer(raw_disc.parameters(), setup.disc_optim)
-    ema = create_ema(raw).to(device) if setup.ema_decay > 0 else None
-    loss_cfg = setup.loss
-    about += f", discriminator {format_count(count_parameters(raw_disc))}" + (", EMA" if ema is not None else "")
-    counter = iter(range(10**9))
-
-    def full_step() -> None:  # the body of vqgan/train.py's loop once disc_on, perceptual off
-        step = next(counter)
-        with autocast(case.dtype, args.device):
-            decoded, quant = model(images)
-            recon = decoded
-            raw_disc.requires_grad_(False)  # the generator's update must not touch D's gradients
-            logits_fake = raw_disc(recon)
-            raw_disc.requires_grad_(True)
-            g_total, _ = generator_loss(loss_cfg, images, decoded, recon, quant.loss, logits_fake,
-                                        raw.last_layer_weight, step, None)
-            if not torch.isfinite(g_total.detach()).item():  # the loop's non-finite check (a host sync)
-                raise RuntimeError("non-finite generator loss in the benchmark")
-            g_total.backward()
-            if setup.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), setup.optim.grad_clip)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            d_total, _ = discriminator_loss(loss_cfg, disc, images, recon.detach(), step)
-            d_total.backward()
-            if setup.disc_optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_disc.parameters(), setup.disc_optim.grad_clip)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, raw, setup.ema_decay)
-
-    return full_step, setup.batch_size, about
+    disc = prepare_module(PatchDiscriminator(setup.discriminator), args)
+    step = RealStep(model, disc, setup.loss, setup.optim, setup.disc_optim, images, case.dtype,
+                    ema_decay=setup.ema_decay, compile=args.compile, total_steps=setup.total_steps)
+    about += f", discriminator {format_count(count_parameters(disc))}" + (", EMA" if step.ema is not None else "")
+    return step, setup.batch_size, about
 
 
 def measure_memory(case: Case, args: argparse.Namespace) -> int:
@@ -214,7 +287,6 @@ def measure_memory(case: Case, args: argparse.Namespace) -> int:
                "--threads", str(torch.get_num_threads())]
     command += ["--channels-last"] if args.channels_last else []
     command += ["--compile"] if args.compile else []
-    command += ["--no-check-finite"] if args.no_check_finite else []
     command += ["--taming-ref", str(args.taming_ref)] if args.taming_ref else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -302,7 +374,7 @@ def run(args: argparse.Namespace) -> str:
         f"- Device: {describe_device(device)}; torch {torch.__version__}; Python {platform.python_version()}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"- channels_last {args.channels_last}, torch.compile {args.compile}, "
-        f"VQModel.check_finite {not args.no_check_finite}; bf16 = torch.autocast(bfloat16), weights and Adam in fp32.",
+        "VQModel.check_finite False (as vqgan/train.py); bf16 = torch.autocast(bfloat16), weights and Adam in fp32.",
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after} "
         f"(machine shared with other jobs: throughput under load is lower than on an idle machine).",
         f"- Timing: {args.warmup} warm-up steps per case, then {args.rounds} rounds of {args.iters} timed steps per "
@@ -311,10 +383,12 @@ def run(args: argparse.Namespace) -> str:
         "- Memory: peak above the level before the step (weights, Adam state present): "
         + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
            "peak RSS (VmHWM after /proc/self/clear_refs) in a child process with MALLOC_MMAP_THRESHOLD_=65536."),
-        "- `gen`: forward, L1 + quantizer loss, backward, Adam (the taming figure's work). `full`: generator step "
-        "with L1 + codebook + adaptive-weighted hinge adversarial term (vqgan.losses.generator_loss), finite "
-        "check, grad clipping, Adam; then the discriminator step (vqgan.losses.discriminator_loss); then EMA "
-        "where the config has one. LPIPS is OFF in both (its VGG weights are not available offline).",
+        "- `gen`: vqgan.training.gan_step.generator_step with L1 + quantizer loss only (GAN and perceptual terms "
+        "off), then apply_updates without clipping: forward, backward, Adam (the taming figure's work). `full`: "
+        "vqgan/train.py's window of one micro-batch from the same functions: WindowSnapshot, seed_window, "
+        "generator_step (L1 + codebook + adaptive-weighted hinge adversarial term), discriminator_step, the "
+        "non-finite and overflow flags and their one read, apply_updates (grad clipping, both Adams), schedulers, EMA with "
+        "ema_decay_at where the config has one. LPIPS is OFF in both (its VGG weights are not available offline).",
         "- quickstart: recipes/quickstart.yaml via vqgan.train.load_train_config (disc_start set to 0). taming_f4: "
         "preset('taming_f4'), taming's default PatchGAN (ndf 64, 3 layers, BatchNorm), default loss/optim, no EMA.",
         "- Ratios (taming_f4 `gen` only): against taming run here at the same precision, against taming run here "
@@ -368,7 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
                         help="one or more precisions; bf16: torch.autocast")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the generator and discriminator")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the generator and discriminator in place (nn.Module.compile), as vqgan.train")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating steps; the best is reported")
@@ -378,7 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--taming-ref", type=Path, default=None,
                         help="folder with taming_ref.py (taming's generator, kept outside the repo)")
     parser.add_argument("--no-check-finite", action="store_true",
-                        help="set VQModel.check_finite = False (skips the input finiteness check and its sync)")
+                        help="accepted for older command lines: VQModel.check_finite is now always False, as in "
+                        "vqgan/train.py")
     parser.add_argument("--profile", action="store_true", help="append a torch.profiler table per case")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--append", action="store_true", help="add this run's section to --out instead of replacing it")

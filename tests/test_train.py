@@ -18,9 +18,10 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 
-from vqgan.checkpoint import list_checkpoints, read_train_state
+from vqgan.training.checkpoint import list_checkpoints, read_train_state
 from vqgan.export import VQTokenizer
 from vqgan.autoencoder import VQModel
+from vqgan.config import ConfigError
 from vqgan.train import load_train_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,11 +165,11 @@ from safetensors.torch import save_file
 
 original = train.save_checkpoint
 
-def save_and_dump(accelerator, root, state, write_extra, keep_last):
-    path = original(accelerator, root, state, write_extra, keep_last)
+def save_and_dump(accelerator, root, state, config, write_extra, keep_last):
+    path = original(accelerator, root, state, config, write_extra, keep_last)
     for i, model in enumerate(accelerator._models):
         weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        save_file(weights, f"{root}/rank{accelerator.process_index}_model{i}_step{state['step']}.safetensors")
+        save_file(weights, f"{root}/rank{accelerator.process_index}_model{i}_step{state.step}.safetensors")
     return path
 
 train.save_checkpoint = save_and_dump
@@ -227,7 +228,7 @@ def test_missing_lpips_weights_train_without_the_term_and_say_so(tmp_path, monke
 
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
-    import vqgan.train as train_module
+    import vqgan.training.gan_step as train_module
 
     real_loss = train_module.generator_loss
     calls = {"n": 0}
@@ -242,7 +243,11 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     assert summary["step"] == 3 and summary["nonfinite_steps"] == 1
     assert summary["train"]["nonfinite_steps"] == 1
 
-    monkeypatch.setattr(train_module, "generator_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    def always_nan(*args, **kwargs):
+        total, logs = real_loss(*args, **kwargs)
+        return total * float("nan"), logs
+
+    monkeypatch.setattr(train_module, "generator_loss", always_nan)
     recipe = tiny_recipe(tmp_path / "always", train={"steps": 3, "max_nonfinite_in_row": 2})
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row at step 0"):
         run(write_recipe(tmp_path, recipe))
@@ -252,3 +257,123 @@ def test_resume_from_a_missing_folder_says_so(tmp_path):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         run(path, f"train.resume={tmp_path / 'nope'}")
+
+
+def test_bf16_trains_many_steps_with_the_discriminator_on(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", loss={"perceptual_weight": 0.0, "disc_start": 5, "lecam_weight": 0.1},
+                         train={"mixed_precision": "bf16", "steps": 30, "log_every": 5, "eval_every": 30,
+                                "checkpoint_every": 30})
+    summary = run(write_recipe(tmp_path, recipe))
+    assert summary["step"] == 30 and summary["nonfinite_steps"] == 0 and summary["overflow_steps"] == 0
+    assert all(math.isfinite(v) for v in summary["train"].values())
+    assert summary["train"]["adaptive_weight"] > 0 and summary["train"]["d_loss"] > 0
+
+
+def test_accumulation_window_discarded_whole_when_one_micro_batch_is_nonfinite(tmp_path, monkeypatch):
+    import vqgan.training.gan_step as gan_step
+
+    real_loss = gan_step.generator_loss
+    calls = {"n": 0}
+
+    def nan_on_third_micro_batch(*args, **kwargs):
+        total, logs = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan"), logs) if calls["n"] == 3 else (total, logs)  # window 2, first micro-batch
+
+    monkeypatch.setattr(gan_step, "generator_loss", nan_on_third_micro_batch)
+    recipe = tiny_recipe(tmp_path / "run", train={"steps": 3, "batch_size": 2, "grad_accum_steps": 2,
+                                                  "checkpoint_every": 3})
+    summary = run(write_recipe(tmp_path, recipe))
+    assert summary["step"] == 3 and summary["nonfinite_steps"] == 1  # one window, not one micro-batch
+    state = read_train_state(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert state["batches_seen"] == 8 and state["nonfinite_in_row"] == 0  # 4 windows of 2 drawn, 3 kept
+    assert calls["n"] == 8
+
+
+def test_compiled_training_checkpoints_exports_and_resumes(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", train={"compile": True, "steps": 3, "checkpoint_every": 2,
+                                                  "export_with_checkpoint": True, "ema_decay": 0.99})
+    path = write_recipe(tmp_path, recipe)
+    summary = run(path)
+    assert summary["step"] == 3
+    checkpoint = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    ema = load_file(checkpoint / "generator_ema.safetensors")
+    assert not any("_orig_mod" in key for key in ema)  # compiled in place: the keys are the module's own
+    VQTokenizer.from_pretrained(checkpoint / "tokenizer")
+    VQTokenizer.from_pretrained(tmp_path / "run" / "tokenizer")
+    assert run(path, "train.steps=4")["step"] == 4  # and it resumes compiled
+
+
+def test_compile_with_r1_is_refused_with_the_reason(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", train={"compile": True}, loss={"r1_weight": 1.0, "perceptual_weight": 0.0})
+    with pytest.raises(ConfigError, match="r1_weight"):
+        run(write_recipe(tmp_path, recipe))
+
+
+def test_early_ema_export_tracks_the_live_model(tmp_path):
+    """At decay 0.9999 a plain EMA would be ~all initial weights after 3 steps; the warm-up EMA follows the model."""
+    recipe = tiny_recipe(tmp_path / "run", model={"preset": "tiny", "quantizer": {"num_codes": 64, "kmeans_init": True}},
+                         train={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9999, "export_with_checkpoint": True})
+    path = write_recipe(tmp_path, recipe)
+    run(path)
+    checkpoint = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    live = load_file(checkpoint / "generator.safetensors")
+    exported = load_file(checkpoint / "tokenizer" / "model.safetensors")
+    torch.manual_seed(0)
+    initial = VQModel(load_train_config(str(path), []).model).state_dict()
+    to_live = sum(float((exported[k].float() - live[k].float()).norm()) for k in live if live[k].is_floating_point())
+    to_init = sum(float((initial[k].float() - live[k].float()).norm()) for k in live if live[k].is_floating_point())
+    assert to_live < 0.25 * to_init, (to_live, to_init)
+    # the codebook the EMA exports is the k-means one the model trained from, not the random init
+    codes = "quantizer.weight"
+    assert float((exported[codes] - live[codes]).norm()) < 0.1 * float((initial[codes] - live[codes]).norm())
+
+
+def test_resume_refuses_a_changed_model_and_records_other_changes(tmp_path):
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path / "run", train={"steps": 2, "checkpoint_every": 2}))
+    run(path)
+    with pytest.raises(ConfigError, match=r"model\.quantizer\.num_codes: 64 in the checkpoint, 128 now"):
+        run(path, "train.steps=4", "model.quantizer.num_codes=128")
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
+        run(path, "train.steps=4", "data.image_size=16")
+    summary = run(path, "train.steps=4", "optim.lr=0.0002")
+    assert summary["step"] == 4
+    changes = [json.loads(line) for line in (tmp_path / "run" / "config_changes.jsonl").read_text().splitlines()]
+    assert changes[-1]["step"] == 2
+    assert changes[-1]["changes"] == {"optim.lr": {"was": 0.0001, "now": 0.0002}, "train.steps": {"was": 2, "now": 4}}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.0002
+    # a finished run resumed again changes nothing and says so
+    assert run(path, "train.steps=4", "optim.lr=0.0002")["step"] == 4
+
+
+SHARED_FS_CHECK = """
+import sys
+from pathlib import Path
+from accelerate import Accelerator
+from vqgan.training.run import check_shared_filesystem
+
+accelerator = Accelerator(cpu=True)
+# each process looks at its own folder: what a node without the shared filesystem would see
+folder = Path(sys.argv[1]) / (f"rank{accelerator.process_index}" if sys.argv[2] == "split" else "shared")
+try:
+    check_shared_filesystem(accelerator, folder)
+    print(f"rank {accelerator.process_index}: shared ok")
+except RuntimeError as err:
+    print(f"rank {accelerator.process_index}: {err}")
+accelerator.end_training()  # destroys the process group: a clean exit
+"""
+
+
+@pytest.mark.slow
+def test_a_run_dir_not_shared_by_every_process_fails_at_start(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_FS_CHECK)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for mode, expected in (("shared", "shared ok"), ("split", "cannot see files the main process writes")):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29523", str(script), str(tmp_path), mode]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count(expected) == 2, result.stdout  # every process says the same
+    assert not list(tmp_path.rglob(".shared-check-*"))

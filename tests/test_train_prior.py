@@ -143,3 +143,23 @@ def test_token_table_built_in_slices_round_trips(tmp_path):
     table = _token_table(tokens, labels, features, rows_per_part=7)  # 6 slices, the last one short
     got_tokens, got_labels = token_dataset_tensors(table)
     assert torch.equal(got_tokens, tokens) and torch.equal(got_labels, labels)
+
+
+def test_auto_tokenizing_checks_the_tokenizer_before_writing_anything(tmp_path, tokenizer_dir):
+    path = recipe(tmp_path, tokenizer_dir)
+    with pytest.raises(ValueError, match=r"transformer.num_codes=512 but tokenizer .* has K=256"):
+        run(path, "transformer.num_codes=512")
+    with pytest.raises(ValueError, match=r"transformer.num_classes=10 but tokens.data.label_column is not set"):
+        run(path, "transformer.num_classes=10")
+    assert not (tmp_path / "tokens").exists() and not list(tmp_path.glob(".tokens*"))  # nothing left behind
+
+
+def test_prior_resume_refuses_a_changed_architecture_and_allows_a_longer_run(tmp_path, tokenizer_dir):
+    path = recipe(tmp_path, tokenizer_dir, steps=2, checkpoint_every=2)
+    run(path)
+    from vqgan.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"transformer\.dim: 32 in the checkpoint, 64 now"):
+        run(path, "train.steps=4", "transformer.dim=64")
+    assert run(path, "train.steps=4")["step"] == 4
+    assert "train.steps" in (tmp_path / "run" / "config_changes.jsonl").read_text()

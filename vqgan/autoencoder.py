@@ -313,8 +313,8 @@ class VQModel(nn.Module):
         return self.decode_latent(quant.quantized), quant
 
     def encode(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f). Call in eval mode to tokenize."""
-        return self.quantizer(self.encode_latent(images)).indices
+        """(B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f); changes no state, in train mode too."""
+        return self.quantizer.lookup(self.encode_latent(images))
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Code indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""

@@ -83,17 +83,14 @@ def adversarial_factor(step: int, start_step: int) -> float:
     return 1.0 if step >= start_step else 0.0
 
 
-def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                    max_weight: float = 1e4, loss_scale: float = 1.0) -> torch.Tensor:
-    """lambda = ||grad_L L_rec|| / (||grad_L L_G|| + 1e-4) clamped to [0, max_weight], detached (Esser et al. eq. 7).
+def adaptive_weight_norms(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
+                          loss_scale: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||grad_L L_rec||, ||grad_L L_G||) in fp32, unscaled: the two norms of the adaptive weight.
 
-    L is the decoder's last layer. When no gradient can be taken (eval, torch.no_grad, or losses that
-    do not require grad) this returns 0.0, as taming does, so validation totals leave the adversarial
-    term out. `loss_scale` (fp16's GradScaler scale) multiplies both losses before differentiating, so
-    fp16 gradients of the last layer do not underflow; the ratio itself is unchanged.
+    fp16: `loss_scale` (the GradScaler's scale, a float or a device tensor) multiplies both losses
+    before differentiating, so that gradients through fp16 activations do not underflow; the norms
+    are taken in fp32 and divided by it. An overflow shows as an inf/NaN norm. No host sync.
     """
-    if not (torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad):
-        return torch.zeros((), device=rec_loss.device)
     rec_grad, = torch.autograd.grad(rec_loss * loss_scale, last_layer_weight, retain_graph=True, allow_unused=True)
     gan_grad, = torch.autograd.grad(g_loss * loss_scale, last_layer_weight, retain_graph=True, allow_unused=True)
     if rec_grad is None or gan_grad is None:
@@ -103,8 +100,36 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_wei
             "pass the decoder's final conv weight (VQModel.last_layer_weight) and feed the discriminator "
             "the decoded images without detaching them"
         )
-    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4 * loss_scale)
-    return weight.clamp(0.0, max_weight).detach()
+    return rec_grad.float().norm() / loss_scale, gan_grad.float().norm() / loss_scale
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
+                    max_weight: float = 1e4, loss_scale: float | torch.Tensor = 1.0,
+                    fallback: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """lambda = ||grad_L L_rec|| / (||grad_L L_G|| + 1e-4) clamped to [0, max_weight], detached (Esser et al. eq. 7).
+
+    L is the decoder's last layer. When no gradient can be taken (eval, torch.no_grad, or losses that
+    do not require grad) this returns 0.0, as taming does, so validation totals leave the adversarial
+    term out. The norms are fp32 and unscaled (see adaptive_weight_norms); when a scaled gradient
+    overflowed, lambda is `fallback` (the loop passes the last finite value) rather than NaN, 0 or
+    the clamp, and the loop skips that step and backs the scale off (generator_loss logs
+    "adaptive_overflow").
+    """
+    return adaptive_weight_and_overflow(rec_loss, g_loss, last_layer_weight, max_weight, loss_scale, fallback)[0]
+
+
+def adaptive_weight_and_overflow(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
+                                 max_weight: float = 1e4, loss_scale: float | torch.Tensor = 1.0,
+                                 fallback: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(adaptive_weight(...), 1.0 if a scaled gradient overflowed else 0.0), both detached device scalars."""
+    if not (torch.is_grad_enabled() and rec_loss.requires_grad and g_loss.requires_grad):
+        zero = torch.zeros((), device=rec_loss.device)
+        return zero, zero
+    rec_norm, gan_norm = adaptive_weight_norms(rec_loss, g_loss, last_layer_weight, loss_scale)
+    finite = torch.isfinite(rec_norm) & torch.isfinite(gan_norm)
+    computed = (rec_norm / (gan_norm + 1e-4)).clamp(0.0, max_weight)
+    fallback = torch.as_tensor(fallback, dtype=computed.dtype, device=computed.device)
+    return torch.where(finite, computed, fallback).detach(), (~finite).float()
 
 
 class LeCAM(nn.Module):
@@ -190,13 +215,15 @@ class LossConfig:
 
 def generator_loss(config: LossConfig, images: torch.Tensor, decoded: torch.Tensor, recon: torch.Tensor,
                    quantizer_loss: torch.Tensor, logits_fake: torch.Tensor | None, last_layer_weight: torch.Tensor,
-                   step: int, perceptual: nn.Module | None = None,
-                   loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   step: int, perceptual: nn.Module | None = None, loss_scale: float | torch.Tensor = 1.0,
+                   adaptive_fallback: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Autoencoder objective: rec + perceptual + codebook + adaptive-weighted adversarial term.
 
     images (B, C, H, W) in [-1, 1]; decoded as the model returns it (pixels, or (B, 256, C, H, W) logits);
     recon the differentiable images (decoded itself, or expected_image(logits)) that LPIPS and D saw;
-    logits_fake = D(recon) or None before the discriminator starts; loss_scale: see adaptive_weight.
+    logits_fake = D(recon) or None before the discriminator starts; loss_scale and adaptive_fallback:
+    see adaptive_weight. logs["adaptive_overflow"] is 1 when the adaptive weight's scaled gradients
+    overflowed (fp16): the loop then skips the optimizer step and backs the loss scale off.
     """
     zero = images.new_zeros(())
     rec = reconstruction_loss(config.reconstruction_kind, decoded, images)
@@ -206,16 +233,18 @@ def generator_loss(config: LossConfig, images: torch.Tensor, decoded: torch.Tens
     nll = config.reconstruction_weight * rec + config.perceptual_weight * perceptual_term
 
     factor = adversarial_factor(step, config.disc_start)
-    g_adv, weight = zero, zero
+    g_adv, weight, overflow = zero, zero, zero
     if logits_fake is not None:
         g_adv = g_loss(config.disc_loss, logits_fake)
-        if factor > 0 and config.disc_weight > 0:
-            weight = (adaptive_weight(nll, g_adv, last_layer_weight, config.adaptive_weight_max, loss_scale)
-                      if config.use_adaptive_weight else zero + 1.0)
+        if factor > 0 and config.disc_weight > 0 and not config.use_adaptive_weight:
+            weight = zero + 1.0
+        elif factor > 0 and config.disc_weight > 0:
+            weight, overflow = adaptive_weight_and_overflow(nll, g_adv, last_layer_weight, config.adaptive_weight_max,
+                                                            loss_scale, adaptive_fallback)
     total = nll + config.codebook_weight * quantizer_loss + factor * config.disc_weight * weight * g_adv
     logs = {
         "rec": rec, "perceptual": perceptual_term, "quant": quantizer_loss, "g_adv": g_adv,
-        "adaptive_weight": weight, "adv_factor": zero + factor,
+        "adaptive_weight": weight, "adaptive_overflow": overflow, "adv_factor": zero + factor,
         "perceptual_enabled": zero + float(use_perceptual), "g_total": total,
     }
     return total, {name: value.detach() for name, value in logs.items()}

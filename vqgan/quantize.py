@@ -129,10 +129,18 @@ class VectorQuantizer(nn.Module):
             self.affine_scale = nn.Parameter(torch.zeros(width))  # codes = (1 + scale) * weight + shift
             self.affine_shift = nn.Parameter(torch.zeros(width))
         self.register_buffer("initialized", torch.tensor(False))  # k-means / rank sync done
+        # The buffer above is what checkpoints keep; this mirror is what forward reads, so a training
+        # step never waits on the device to learn whether initialisation is due (no host sync).
+        self._initialized = False
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_flags())
         self.register_buffer("step", torch.tensor(0))  # training forwards so far
         self.register_buffer("seen", torch.tensor(0))  # indices assigned so far, summed over ranks
         self.register_buffer("last_used_step", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("last_seen", torch.zeros(num_codes, dtype=torch.long))  # `seen` when last used
+
+    def refresh_flags(self) -> None:
+        """Re-read the Python mirror of `initialized` from the buffer (after a load or a restore)."""
+        self._initialized = bool(self.initialized)
 
     @property
     def codebook(self) -> Tensor:
@@ -156,8 +164,8 @@ class VectorQuantizer(nn.Module):
             if cfg.l2_normalize:
                 h = F.normalize(h, dim=1)
             if self.training:
-                h_detached = h.detach()
-                h_stats = self._finite_rows(h_detached)  # (N, c): h_detached itself, or non-finite rows zeroed
+                finite = torch.isfinite(h.detach()).all(dim=1)  # (N,)
+                h_stats = torch.where(finite.unsqueeze(1), h.detach(), 0.0)  # (N, c), non-finite rows zeroed
                 self._prepare_codebook(h_stats)
             codes = self.codebook  # (K, c)
             if self.training and cfg.use_ema:
@@ -174,11 +182,10 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(indices, minlength=cfg.num_codes)  # (K,)
             batch_perplexity = perplexity(counts)
             if self.training:
-                stat_counts = counts
-                if h_stats is not h_detached:  # some rows were non-finite: they count for nothing
-                    finite = torch.isfinite(h.detach()).all(dim=1)
-                    stat_counts = torch.bincount(indices[finite], minlength=cfg.num_codes)
-                self._update_statistics(h_stats, indices, stat_counts)
+                # Non-finite rows (an fp16 overflow) count for nothing: they go to an extra bin that is
+                # dropped, so the shapes stay fixed and nothing is read back to the host.
+                stat_counts = torch.bincount(torch.where(finite, indices, cfg.num_codes), minlength=cfg.num_codes + 1)
+                self._update_statistics(h_stats, indices, stat_counts[: cfg.num_codes])
             usage = self._window_usage()
         out = self.project_out(out) if self.project_out is not None else out  # (N, D)
         return QuantizerOutput(
@@ -191,6 +198,22 @@ class VectorQuantizer(nn.Module):
             perplexity=batch_perplexity,
             usage=usage,
         )
+
+    @torch.no_grad()
+    def lookup(self, z: Tensor) -> Tensor:
+        """z (B, D, H, W) or (N, D) -> nearest-code indices (B, H, W) or (N,); never changes any state.
+
+        The indices forward would return, without its training-mode side effects (k-means, restarts,
+        EMA codebook, usage counters): tokenizing with a model left in train mode is safe.
+        """
+        flat = self._flatten_checked(z)  # (N, D)
+        h = self.project_in(flat) if self.project_in is not None else flat  # (N, c)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            h = h.float()
+            if self.config.l2_normalize:
+                h = F.normalize(h, dim=1)
+            indices = nearest_code(h, self.codebook.detach(), self.config.chunk_size)  # (N,)
+        return self._unflatten(indices, z)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, H, W) -> (B, D, H, W) or (N,) -> (N, D): the quantized tensor these indices stand for."""
@@ -242,12 +265,6 @@ class VectorQuantizer(nn.Module):
         # contiguous: a channels-last view would silently switch the decoder's convs to that layout
         return rearrange(rows, "(b h w) d -> b d h w", b=b, h=h, w=w).contiguous()
 
-    @staticmethod
-    def _finite_rows(h: Tensor) -> Tensor:
-        """h itself when every value is finite; otherwise a copy with the non-finite rows set to zero."""
-        finite = torch.isfinite(h).all(dim=1, keepdim=True)  # (N, 1)
-        return h if bool(finite.all()) else torch.where(finite, h, torch.zeros_like(h))
-
     # -- gradient estimators ------------------------------------------------------------------
 
     def _straight_through(self, h: Tensor, h_q: Tensor) -> Tensor:
@@ -268,12 +285,13 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _prepare_codebook(self, h: Tensor) -> None:
         """First training call: k-means init or rank-0 sync. Later calls: restart dead codes."""
-        if not bool(self.initialized):
+        if not self._initialized:
             if self.config.kmeans_init:
                 self._kmeans_init(h)
             else:
                 self._broadcast_codebook()
             self.initialized.fill_(True)
+            self._initialized = True
         elif self.config.dead_code_threshold > 0:
             self._restart_dead_codes(h)
 
@@ -290,32 +308,44 @@ class VectorQuantizer(nn.Module):
         self._broadcast_codebook()  # affine parameters and any other codebook state
 
     def _restart_dead_codes(self, h: Tensor) -> None:
-        """Reseed codes unused for dead_code_threshold forwards from random rows of this batch."""
-        dead = (self.step - self.last_used_step) >= self.config.dead_code_threshold  # (K,), same on all ranks
-        rows = dead.nonzero().squeeze(1)  # (n_dead,)
-        if rows.numel() == 0:
-            return
-        n = h.shape[0]
-        if is_rank0():
-            pick = torch.randperm(n, device=h.device)[: rows.numel()] if n >= rows.numel() else (
-                torch.randint(n, (rows.numel(),), device=h.device)
-            )
-            vectors = h[pick]  # (n_dead, c)
-        else:
-            vectors = h.new_empty(rows.numel(), h.shape[1])
-        broadcast_from_rank0(vectors)  # rank 0 decides, so every rank writes the same codes
-        self._write_codes(rows, vectors)
+        """Reseed codes unused for dead_code_threshold forwards from random rows of this batch.
 
-    def _write_codes(self, rows: Tensor, vectors: Tensor) -> None:
-        """Make the effective codes at `rows` equal `vectors` (inverting the affine map) and reset their age."""
+        Fixed shapes, no host sync: the first min(K, N) codes in "dead first" order each get a candidate
+        row, and only the dead ones among them take it (at most N codes restart per forward; the rest
+        wait for the next). Rank 0 draws the rows and broadcasts them, so every rank writes the same codes.
+        """
+        num_codes, n = self.config.num_codes, h.shape[0]
+        dead = (self.step - self.last_used_step) >= self.config.dead_code_threshold  # (K,), same on all ranks
+        slots = min(num_codes, n)
+        rows = torch.argsort(dead.to(torch.int8), descending=True, stable=True)[:slots]  # (m,) dead codes first
+        if is_rank0():
+            vectors = h[torch.randperm(n, device=h.device)[:slots]]  # (m, c), distinct rows
+        else:
+            vectors = h.new_empty(slots, h.shape[1])
+        broadcast_from_rank0(vectors)
+        self._write_codes(rows, vectors, mask=dead[rows])
+
+    def _write_codes(self, rows: Tensor, vectors: Tensor, mask: Tensor | None = None) -> None:
+        """Make the effective codes at `rows` equal `vectors` (inverting the affine map) and reset their age.
+
+        `mask` (m,) bool: only rows whose mask is set change (a fixed-shape masked write).
+        """
         raw = vectors
         if self.config.affine_reparam:
             raw = (vectors - self.affine_shift) / (1.0 + self.affine_scale)
-        self.weight[rows] = raw.to(self.weight.dtype)
+
+        def write(target: Tensor, new: Tensor) -> None:
+            new = new.to(target.dtype)
+            if mask is not None:
+                old = target[rows]
+                new = torch.where(mask.view(-1, *[1] * (old.dim() - 1)), new, old)
+            target[rows] = new
+
+        write(self.weight, raw)
         if self.config.use_ema:
-            self.cluster_size[rows] = 1.0
-            self.embed_avg[rows] = raw
-        self.last_used_step[rows] = self.step
+            write(self.cluster_size, torch.ones_like(self.cluster_size[rows]))
+            write(self.embed_avg, raw)
+        write(self.last_used_step, self.step.expand(rows.shape[0]))
 
     def _broadcast_codebook(self) -> None:
         """Give every rank rank 0's codebook tensors, whatever seed each rank was built with."""

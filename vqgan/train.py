@@ -1,8 +1,10 @@
 """Train a VQGAN tokenizer: `accelerate launch -m vqgan.train RECIPE.yaml [key=value ...]`.
 
-One readable `main()`: config, models, optimizers, data, `prepare`, resume, loop. Each step runs the
-generator (encoder + quantizer + decoder) update, then the discriminator update, inside
-`accelerator.accumulate`, as Accelerate's own examples do.
+One readable `main()`: config, models, optimizers, data, `prepare`, resume, loop. Each optimizer
+step is a window of `train.grad_accum_steps` micro-batches; each micro-batch runs the generator step
+(encoder + quantizer + decoder) and then the discriminator step (vqgan.training.gan_step), and the
+window ends with one decision (keep or discard) and one update of both optimizers
+(vqgan.training.window).
 """
 
 from __future__ import annotations
@@ -21,22 +23,38 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from vqgan.autoencoder import VQModel, VQModelConfig, preset
-from vqgan.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.config import ConfigError, apply_overrides, from_dict, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
-from vqgan.ema import create_ema, update_ema
 from vqgan.export import VQTokenizer, export_checkpoint
-from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, generator_loss
+from vqgan.losses import LeCAM, LossConfig
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
-from vqgan.train_utils import (
+from vqgan.train_utils import evaluate_reconstruction, log_image_grid
+from vqgan.training.batches import resumable_batches
+from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
+from vqgan.training.ema import create_ema, ema_decay_at, update_ema
+from vqgan.training.gan_step import discriminator_step, generator_step
+from vqgan.training.rng import seed_window
+from vqgan.training.run import (
     build_accelerator,
-    count_anywhere,
-    evaluate_reconstruction,
-    log_image_grid,
+    check_shared_filesystem,
+    compile_in_place,
+    due,
     parse_recipe_args,
     start_run,
+)
+from vqgan.training.state import TrainState
+from vqgan.training.window import (
+    Update,
+    WindowSnapshot,
+    apply_updates,
+    discard_window,
+    gradient_sync,
+    in_place_params,
+    loss_scale,
+    reduce_window_flags,
+    settle_window,
 )
 from vqgan.utils import atomic_write_text, count_parameters, format_count
 
@@ -59,7 +77,7 @@ class TrainLoopConfig:
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     progress_bar: bool = True
     channels_last: bool = False
-    compile: bool = False  # torch.compile the generator and discriminator (GPU)
+    compile: bool = False  # torch.compile the generator and discriminator in place (nn.Module.compile)
     lpips_weights: str = ""  # path to torchvision's vgg16-397923af.pth; "" = look in the torch hub cache
     require_lpips: bool = False  # True: missing LPIPS weights is an error; False: train without the term
 
@@ -78,6 +96,10 @@ class TrainConfig:
     notes: tuple[str, ...] = ()  # what the run changed on its own (e.g. LPIPS off for want of weights)
 
     def __post_init__(self):
+        if self.train.compile and self.loss.r1_weight > 0:
+            # R1 differentiates D's input gradient (create_graph=True); AOTAutograd has no double backward
+            raise ValueError("train.compile=true cannot be used with loss.r1_weight > 0 (torch.compile does not "
+                             "support the double backward R1 needs): set one of them off")
         categorical_output = self.model.autoencoder.output == "categorical"
         if categorical_output != (self.loss.reconstruction_kind == "categorical"):
             raise ValueError(
@@ -118,9 +140,8 @@ def build_perceptual(config: TrainConfig, accelerator: Accelerator) -> tuple[LPI
         return None, dataclasses.replace(config, loss=loss, notes=config.notes + (note,))
 
 
-def differentiable_images(model: VQModel, decoded: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] that gradients flow through: the pixels, or the expected value of categorical logits."""
-    return decoded if model.config.autoencoder.output == "pixels" else expected_image(decoded)
+# Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
+FROZEN_KEYS = ("model.", "discriminator.", "data.image_size")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,27 +149,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_train_config(args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
-    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.grad_accum_steps, loop.tracker)
-    if accelerator.mixed_precision == "fp16" and loop.grad_accum_steps > 1:
-        # Accelerate shares one GradScaler between both optimizers and updates it after each step: the
-        # discriminator's gradients accumulated before the generator's step would be unscaled with a
-        # scale they were not scaled by. bf16 needs no scaler.
-        raise ConfigError("fp16 with train.grad_accum_steps > 1 is not supported (one loss scaler, two "
-                          "optimizers); use bf16, or grad_accum_steps=1")
-    set_seed(config.seed)
+    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.tracker)
+    check_shared_filesystem(accelerator, run_dir)
+    set_seed(config.seed)  # the initial weights; each window then seeds itself (vqgan.training.rng)
+    device = accelerator.device
 
     # --- models ---
     perceptual, config = build_perceptual(config, accelerator)
     model = VQModel(config.model)
+    model.check_finite = False  # a NaN input shows up as a non-finite loss, which the window policy handles
     discriminator = PatchDiscriminator(config.discriminator)
-    ema = create_ema(model) if loop.ema_decay > 0 else None
     lecam = LeCAM(config.loss.lecam_decay) if config.loss.lecam_weight > 0 else None
     if loop.channels_last:
         model, discriminator = model.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
 
     # --- optimizers, data ---
-    opt_g = build_optimizer(model.parameters(), config.optim)
-    opt_d = build_optimizer(discriminator.parameters(), config.disc_optim)
+    opt_g = build_optimizer(model, config.optim)
+    opt_d = build_optimizer(discriminator, config.disc_optim)
     sched_g = build_scheduler(opt_g, config.optim, loop.steps)
     # D's schedule counts its own steps, which start at loss.disc_start
     sched_d = build_scheduler(opt_d, config.disc_optim, max(1, loop.steps - config.loss.disc_start))
@@ -158,22 +175,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, discriminator, opt_g, opt_d, train_loader, sched_g, sched_d = accelerator.prepare(
         model, discriminator, opt_g, opt_d, train_loader, sched_g, sched_d
     )
+    raw_model, raw_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(discriminator)
+    ema = create_ema(raw_model) if loop.ema_decay > 0 else None
     if loop.compile:
-        model, discriminator = torch.compile(model), torch.compile(discriminator)
-    raw_model = accelerator.unwrap_model(model)
-    raw_disc = accelerator.unwrap_model(discriminator)
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
-    if ema is not None:
-        ema = ema.to(accelerator.device)
-    if lecam is not None:
-        lecam = lecam.to(accelerator.device)
+        compile_in_place(raw_model, raw_disc)
+    perceptual = perceptual.to(device) if perceptual is not None else None
+    lecam = lecam.to(device) if lecam is not None else None
 
     # --- resume ---
-    state = {"step": 0, "batches_seen": 0, "images_seen": 0, "skipped_files": [], "nonfinite_steps": 0}
+    state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
     extra_state = {"generator_ema.safetensors": ema, "lecam.safetensors": lecam}  # outside Accelerate's state
-    resume(accelerator, loop.resume, checkpoint_root, state, extra_state)
+    resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir)
     start_run(accelerator, config, run_dir, "vqgan")
     f = config.model.downsample_factor
     size = config.data.image_size
@@ -186,133 +199,125 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
 
+    if state.step >= loop.steps and (run_dir / "summary.json").is_file():
+        accelerator.print(f"{run_dir} is already complete at step {state.step} of {loop.steps}: nothing to train "
+                          "(raise train.steps to continue it, or set train.resume='' to start over)")
+        accelerator.end_training()
+        return json.loads((run_dir / "summary.json").read_text())
+
+    local_skipped: set[str] = set()  # unreadable files this process met since the last merge
+    adaptive_fallback = torch.tensor(state.adaptive_weight, device=device)  # see losses.adaptive_weight
+
+    def merge_skipped_files() -> None:
+        """Fold this window's unreadable files of every process into the run's list (all processes call it)."""
+        state.skipped_files = sorted(set(state.skipped_files).union(gather_object(sorted(local_skipped))))
+        local_skipped.clear()
+
     def write_checkpoint_files(folder: Path) -> None:
         save_modules(folder, {"generator.safetensors": raw_model, **extra_state})
         (folder / "vqmodel_config.json").write_text(json.dumps(to_dict(config.model), indent=2))
-        summary = {"step": state["step"], "data": config.data.source, "images_seen": state["images_seen"],
-                   "metrics": state.get("eval", {})}
+        summary = {"step": state.step, "data": config.data.source, "images_seen": state.images_seen,
+                   "metrics": state.eval}
         (folder / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if loop.export_with_checkpoint:
             export_checkpoint(folder, folder / "tokenizer", use_ema=ema is not None)
 
-    def merge_skipped_files() -> None:
-        """Fold this window's unreadable files of every process into the run's list (all processes call it)."""
-        state["skipped_files"] = sorted(set(state["skipped_files"]).union(gather_object(sorted(local_skipped))))
-        local_skipped.clear()
-
     def checkpoint() -> Path:
         merge_skipped_files()
-        return save_checkpoint(accelerator, checkpoint_root, dict(state), write_checkpoint_files, loop.keep_checkpoints)
+        state.adaptive_weight = float(adaptive_fallback)
+        return save_checkpoint(accelerator, checkpoint_root, state, to_dict(config), write_checkpoint_files,
+                               loop.keep_checkpoints)
 
-    # --- loop ---
-    progress = tqdm(total=loop.steps, initial=state["step"], disable=not (accelerator.is_main_process and loop.progress_bar),
+    # --- loop: one optimizer step per window of grad_accum_steps micro-batches ---
+    progress = tqdm(total=loop.steps, initial=state.step, disable=not (accelerator.is_main_process and loop.progress_bar),
                     desc="train")
-    nonfinite_in_row = 0
-    local_skipped: set[str] = set()  # unreadable files this process met since the last merge
+    batches = resumable_batches(accelerator, train_loader, state)
+    scaler = accelerator.scaler
     window_start, window_images = time.perf_counter(), 0
     logs: dict[str, float] = {}
-    while state["step"] < loop.steps:
-        epoch, offset = divmod(state["batches_seen"], len(train_loader))
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, offset) if offset else train_loader
-        for batch in batches:
-            images = batch["images"]
+    while state.step < loop.steps:
+        disc_on = state.step >= config.loss.disc_start
+        snapshot = WindowSnapshot([raw_model, raw_disc, lecam], in_place_params(raw_model))
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        overflow = torch.zeros((), device=device)
+        empty = False
+        for micro in range(loop.grad_accum_steps):
+            batch = next(batches)
+            seed_window(config.seed, state.batches_seen, accelerator.process_index)
+            local_skipped.update(batch["skipped"])
+            images = batch["images"]  # (B, 3, S, S) in [-1, 1]
+            if images.shape[0] == 0:
+                # every file of this batch was unreadable: a stand-in keeps the processes in step, and
+                # the window is discarded everywhere (flags below)
+                images, empty = torch.zeros(1, 3, size, size, device=device), True
             if loop.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            state["batches_seen"] += 1
-            local_skipped.update(batch["skipped"])
-            if count_anywhere(images.shape[0] == 0, accelerator):
-                continue  # every file of some process's batch was unreadable: all processes skip it together
-            with accelerator.accumulate(model, discriminator), accelerator.autocast():
-                # generator: reconstruction, codebook, perceptual and adversarial terms
-                decoded, quant = model(images)
-                recon = differentiable_images(raw_model, decoded)
-                disc_on = state["step"] >= config.loss.disc_start
-                raw_disc.requires_grad_(False)  # the generator's update must not touch D's gradients
-                logits_fake = raw_disc(recon) if disc_on else None
-                raw_disc.requires_grad_(True)
-                g_total, g_logs = generator_loss(
-                    config.loss, images, decoded, recon, quant.loss, logits_fake, raw_model.last_layer_weight,
-                    state["step"], perceptual, loss_scale=accelerator.scaler.get_scale() if accelerator.scaler else 1.0,
-                )
-                if count_anywhere(not torch.isfinite(g_total.detach()).item(), accelerator):
-                    # every rank skips together, or DDP would wait forever for the missing gradients
-                    opt_g.zero_grad(set_to_none=True)
-                    opt_d.zero_grad(set_to_none=True)  # its micro-batches so far must not meet the next window's
-                    nonfinite_in_row += 1
-                    state["nonfinite_steps"] += 1
-                    accelerator.print(f"step {state['step']}: non-finite generator loss, step skipped "
-                                      f"({nonfinite_in_row} in a row)")
-                    if nonfinite_in_row >= loop.max_nonfinite_in_row:
-                        raise RuntimeError(
-                            f"{nonfinite_in_row} non-finite losses in a row at step {state['step']}: stopping. "
-                            "Lower the learning rate, use bf16 instead of fp16, or check the data."
-                        )
-                    continue
-                nonfinite_in_row = 0
-                accelerator.backward(g_total)
-                if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                    # unscale this optimizer's gradients only: accelerator.clip_grad_norm_ unscales every
-                    # optimizer, and the fp16 scaler then forgets that D's were already unscaled
-                    accelerator.unscale_gradients(optimizer=opt_g)
-                    g_logs["grad_norm_g"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-
-                # discriminator: real images against detached reconstructions
-                if disc_on:
-                    d_total, d_logs = discriminator_loss(config.loss, discriminator, images, recon.detach(), state["step"],
-                                                          lecam=lecam)
-                    accelerator.backward(d_total)
-                    if accelerator.sync_gradients and config.disc_optim.grad_clip > 0:
-                        accelerator.unscale_gradients(optimizer=opt_d)
-                        d_logs["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(),
-                                                                               config.disc_optim.grad_clip)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    g_logs.update(d_logs)
-
             window_images += images.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            # --- one optimizer step done ---
-            sched_g.step()
-            if disc_on:
-                sched_d.step()
-            if ema is not None:
-                update_ema(ema, raw_model, loop.ema_decay)
-            state["step"] += 1
-            state["images_seen"] += effective_batch
-            step = state["step"]
-            progress.update(1)
+            sync = micro == loop.grad_accum_steps - 1
+            with gradient_sync(accelerator, sync, model, discriminator), accelerator.autocast():
+                gen = generator_step(model, raw_model, raw_disc, perceptual, images, config.loss, state.step,
+                                     accelerator.backward, loop.grad_accum_steps, loss_scale(scaler, device),
+                                     adaptive_fallback)
+                nonfinite |= ~torch.isfinite(gen.loss)
+                overflow = overflow + gen.logs["adaptive_overflow"]
+                step_logs = dict(gen.logs)
+                if disc_on:
+                    d_total, d_logs = discriminator_step(discriminator, images, gen.fake, config.loss, state.step,
+                                                         lecam, accelerator.backward, loop.grad_accum_steps)
+                    nonfinite |= ~torch.isfinite(d_total)
+                    step_logs.update(d_logs)
+        flags = reduce_window_flags(accelerator, nonfinite, overflow, empty)  # the window's one host sync
+        if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
+            snapshot.restore()  # the codebook, usage counters, LeCAM and BatchNorm statistics as before the window
+            discard_window([opt_g, opt_d], scaler)
+            continue
 
-            if step % loop.log_every == 0 or step == loop.steps:
-                elapsed = time.perf_counter() - window_start
-                merge_skipped_files()  # distinct files, however many epochs drew them
-                logs = {k: float(v) for k, v in g_logs.items()}
-                logs.update(perplexity=float(quant.perplexity), usage=float(quant.usage), lr=sched_g.get_last_lr()[0],
-                            images_per_s=window_images / max(elapsed, 1e-9), skipped_files=len(state["skipped_files"]),
-                            nonfinite_steps=state["nonfinite_steps"])
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-                progress.set_postfix(rec=f"{logs.get('rec', math.nan):.4f}", usage=f"{logs['usage']:.2f}",
-                                     ppl=f"{logs['perplexity']:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if accelerator.is_main_process and (step % loop.image_every == 0 or step == loop.steps):
-                log_image_grid(accelerator, images, raw_model.to_images(decoded.detach()), run_dir / "images", step)
-            if step % loop.eval_every == 0 or step == loop.steps:
-                state["eval"] = evaluate_reconstruction(ema if ema is not None else raw_model, eval_loader, accelerator)
-                accelerator.log({f"eval/{k}": v for k, v in state["eval"].items()}, step=step)
-            if step % loop.checkpoint_every == 0 or step == loop.steps:
-                checkpoint()
-            if step >= loop.steps:
-                break
+        # --- one optimizer step ---
+        updates = [Update(opt_g, list(raw_model.parameters()), config.optim.grad_clip)]
+        if disc_on:
+            updates.append(Update(opt_d, list(raw_disc.parameters()), config.disc_optim.grad_clip))
+        norms = apply_updates(updates, scaler, skip=flags.overflow)
+        sched_g.step()
+        if disc_on:
+            sched_d.step()
+            if config.loss.use_adaptive_weight and config.loss.disc_weight > 0:
+                adaptive_fallback = gen.logs["adaptive_weight"]  # the last finite one (fallback itself on overflow)
+        if ema is not None:
+            update_ema(ema, raw_model, ema_decay_at(state.step, loop.ema_decay))
+        state.step += 1
+        state.images_seen += effective_batch
+        step = state.step
+        progress.update(1)
+
+        if due(step, loop.log_every, loop.steps):
+            elapsed = time.perf_counter() - window_start
+            merge_skipped_files()  # distinct files, however many epochs drew them
+            logs = {k: float(v) for k, v in step_logs.items()}
+            for name, norm in zip(("grad_norm_g", "grad_norm_d"), norms):
+                if norm is not None:
+                    logs[name] = float(norm)
+            logs.update(perplexity=float(gen.quant.perplexity), usage=float(gen.quant.usage), lr=sched_g.get_last_lr()[0],
+                        images_per_s=window_images / max(elapsed, 1e-9), skipped_files=len(state.skipped_files),
+                        nonfinite_steps=state.nonfinite_steps, empty_batches=state.empty_batches,
+                        overflow_steps=state.overflow_steps)
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+            progress.set_postfix(rec=f"{logs.get('rec', math.nan):.4f}", usage=f"{logs['usage']:.2f}",
+                                 ppl=f"{logs['perplexity']:.0f}")
+            window_start, window_images = time.perf_counter(), 0
+        if accelerator.is_main_process and due(step, loop.image_every, loop.steps):
+            log_image_grid(accelerator, images, raw_model.to_images(gen.decoded), run_dir / "images", step)
+        if due(step, loop.eval_every, loop.steps):
+            state.eval = evaluate_reconstruction(ema if ema is not None else raw_model, eval_loader, accelerator)
+            accelerator.log({f"eval/{k}": v for k, v in state.eval.items()}, step=step)
+        if due(step, loop.checkpoint_every, loop.steps):
+            checkpoint()
 
     progress.close()
     final_model = ema if ema is not None else raw_model
-    summary = {"step": state["step"], "data": config.data.source, "images_seen": state["images_seen"],
-               "metrics": state.get("eval", {}), "train": logs, "skipped_files": len(state["skipped_files"]),
-               "skipped_file_names": state["skipped_files"][:100],
-               "nonfinite_steps": state["nonfinite_steps"], "run_dir": str(run_dir)}
+    summary = {"step": state.step, "data": config.data.source, "images_seen": state.images_seen,
+               "metrics": state.eval, "train": logs, "skipped_files": len(state.skipped_files),
+               "skipped_file_names": state.skipped_files[:100], "nonfinite_steps": state.nonfinite_steps,
+               "empty_batches": state.empty_batches, "overflow_steps": state.overflow_steps, "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         VQTokenizer.from_model(final_model, train_summary=summary).save_pretrained(run_dir / "tokenizer")
         summary["tokenizer"] = str(run_dir / "tokenizer")
@@ -321,13 +326,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         held_out_tokens = held_out.get("num_images", 0) * (size // f) ** 2
         accelerator.print(
             "\n== done ==\n"
-            f"steps {state['step']}; held-out PSNR {held_out.get('psnr', math.nan):.2f} dB on "
+            f"steps {state.step}; held-out PSNR {held_out.get('psnr', math.nan):.2f} dB on "
             f"{held_out.get('num_images', 0)} images\n"
             f"codebook K={config.model.quantizer.num_codes}: {logs.get('usage', math.nan):.1%} used over the last "
             f"{config.model.quantizer.usage_window} training tokens (batch perplexity {logs.get('perplexity', math.nan):.0f}), "
             f"{held_out.get('usage', math.nan):.1%} by the {held_out_tokens} held-out tokens\n"
-            f"unreadable files skipped: {len(state['skipped_files'])} {state['skipped_files'][:5]}; "
-            f"non-finite steps skipped: {state['nonfinite_steps']}\n"
+            f"unreadable files skipped: {len(state.skipped_files)} {state.skipped_files[:5]}; "
+            f"non-finite steps skipped: {state.nonfinite_steps}; windows without data: {state.empty_batches}\n"
             f"checkpoints: {checkpoint_root}\nreconstruction grids: {run_dir / 'images'}\n"
             f"tensorboard: tensorboard --logdir {run_dir}\nexported tokenizer: {run_dir / 'tokenizer'}"
         )

@@ -1,12 +1,13 @@
 """Train a prior over token grids: `accelerate launch -m vqgan.train_prior RECIPE.yaml [key=value ...]`.
 
-The same machinery as the tokenizer's loop (recipes, mixed precision, atomic checkpoints with exact
-resume, EMA, trackers, progress bar). When the token dataset does not exist yet and the recipe names a
+The same engine as the tokenizer's loop (vqgan.training: windows of micro-batches, the non-finite
+policy, atomic checkpoints with exact resume, config drift, EMA with warm-up, trackers). When the token dataset does not exist yet and the recipe names a
 tokenizer and image data, the images are tokenized first. The run ends with a grid of samples.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from vqgan.checkpoint import resume, save_checkpoint, save_modules
-from vqgan.config import ConfigError, load_config
+from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
-from vqgan.ema import create_ema, update_ema
 from vqgan.export import VQTokenizer
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, load_token_dataset, token_dataset_tensors
@@ -31,10 +31,25 @@ from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.io import build_prior, save_prior
 from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
-from vqgan.prior.tokenize import tokenize_dataset
+from vqgan.prior.tokenize import check_tokenizer_fits_prior, tokenize_dataset
 from vqgan.prior.transformer import TransformerConfig
-from vqgan.train_utils import build_accelerator, count_anywhere, parse_recipe_args, start_run
-from vqgan.utils import count_parameters, format_count
+from vqgan.training.batches import resumable_batches
+from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
+from vqgan.training.ema import create_ema, ema_decay_at, update_ema
+from vqgan.training.rng import seed_window
+from vqgan.training.run import build_accelerator, check_shared_filesystem, due, parse_recipe_args, start_run
+from vqgan.training.state import TrainState
+from vqgan.training.window import (
+    Backward,
+    Update,
+    apply_updates,
+    discard_window,
+    gradient_sync,
+    plain_backward,
+    reduce_window_flags,
+    settle_window,
+)
+from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,7 @@ class PriorTrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95)))
     train: PriorLoopConfig = field(default_factory=PriorLoopConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # the samples drawn at the end
-    sample_labels: tuple[int, ...] = ()  # class ids of the final samples (cycled); () = unconditional/random
+    sample_labels: tuple[int, ...] = ()  # class ids of the final samples (cycled); () = every class in turn
 
 
 def prior_config(config: PriorTrainConfig):
@@ -90,6 +105,10 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
         if not tokens_cfg.tokenizer:
             raise FileNotFoundError(f"token dataset {tokens_cfg.path} does not exist; set tokens.tokenizer (and "
                                     "tokens.data) to create it, or run tools/tokenize_dataset.py")
+        model_cfg = prior_config(config)
+        # before anything is written: a mismatch found after tokenizing would leave a useless dataset behind
+        check_tokenizer_fits_prior(tokens_cfg.tokenizer, tokens_cfg.data, model_cfg.num_codes, model_cfg.grid,
+                                   model_cfg.num_classes, prior=config.prior)
         accelerator.print(f"tokenizing {tokens_cfg.data.source} [{tokens_cfg.split}] with {tokens_cfg.tokenizer}")
         tokenize_dataset(accelerator, tokens_cfg.tokenizer, tokens_cfg.data, tokens_cfg.path, tokens_cfg.split,
                          tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed)
@@ -106,30 +125,35 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
     return tokens, labels, metadata
 
 
+# Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
+FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_recipe_args(__doc__, argv)
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
-    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.grad_accum_steps, loop.tracker)
-    set_seed(config.seed)
+    accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.tracker)
+    check_shared_filesystem(accelerator, run_dir)
+    set_seed(config.seed)  # the initial weights; each window then seeds itself (vqgan.training.rng)
+    device = accelerator.device
 
     tokens, labels, metadata = prepare_tokens(config, accelerator)
     model_cfg = prior_config(config)
     model = build_prior(config.prior, model_cfg)
-    ema = create_ema(model) if loop.ema_decay > 0 else None
-    optimizer = build_optimizer(model.parameters(), config.optim)
+    optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, loop.steps)
     columns = (tokens,) if labels is None else (tokens, labels)
     loader = DataLoader(TensorDataset(*columns), batch_size=loop.batch_size, shuffle=True, drop_last=len(tokens) >= loop.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw_model = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema = ema.to(accelerator.device)
+    ema = create_ema(raw_model) if loop.ema_decay > 0 else None
 
-    state = {"step": 0, "batches_seen": 0, "nonfinite_steps": 0}
+    state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
-    resume(accelerator, loop.resume, checkpoint_root, state, {"prior_ema.safetensors": ema})
+    extra_state = {"prior_ema.safetensors": ema}
+    resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir)
     start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
     accelerator.print(
@@ -139,66 +163,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
 
+    if state.step >= loop.steps and (run_dir / "summary.json").is_file():
+        accelerator.print(f"{run_dir} is already complete at step {state.step} of {loop.steps}: nothing to train "
+                          "(raise train.steps to continue it, or set train.resume='' to start over)")
+        accelerator.end_training()
+        return json.loads((run_dir / "summary.json").read_text())
+
     def write_checkpoint_files(folder: Path) -> None:
         save_prior(raw_model, folder / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"]})
-        save_modules(folder, {"prior_ema.safetensors": ema})
+        save_modules(folder, extra_state)
 
-    progress = tqdm(total=loop.steps, initial=state["step"], desc="prior",
+    progress = tqdm(total=loop.steps, initial=state.step, desc="prior",
                     disable=not (accelerator.is_main_process and loop.progress_bar))
-    nonfinite_in_row, window_start, window_tokens = 0, time.perf_counter(), 0
+    batches = resumable_batches(accelerator, loader, state)
+    scaler = accelerator.scaler
+    window_start, window_tokens = time.perf_counter(), 0
     bits = math.nan
-    while state["step"] < loop.steps:
-        epoch, offset = divmod(state["batches_seen"], len(loader))
-        loader.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
+    while state.step < loop.steps:
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        for micro in range(loop.grad_accum_steps):
+            batch = next(batches)
+            seed_window(config.seed, state.batches_seen, accelerator.process_index)
             grids = batch[0]  # (B, h, w)
             batch_labels = batch[1] if labels is not None else None
-            state["batches_seen"] += 1
-            with accelerator.accumulate(model), accelerator.autocast():
-                logits = model(grids, batch_labels)  # (B, K, h, w)
-                loss = F.cross_entropy(logits.float(), grids)
-                if count_anywhere(not torch.isfinite(loss.detach()).item(), accelerator):
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite_in_row += 1
-                    state["nonfinite_steps"] += 1
-                    if nonfinite_in_row >= loop.max_nonfinite_in_row:
-                        raise RuntimeError(f"{nonfinite_in_row} non-finite losses in a row at step {state['step']}: "
-                                           "stopping. Lower the learning rate or use bf16 instead of fp16.")
-                    continue
-                nonfinite_in_row = 0
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.optim.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             window_tokens += grids.numel() * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            if ema is not None:
-                update_ema(ema, raw_model, loop.ema_decay)
-            state["step"] += 1
-            step = state["step"]
-            progress.update(1)
-            if step % loop.log_every == 0 or step == loop.steps:
-                bits = float(accelerator.reduce(loss.detach(), reduction="mean")) / math.log(2)
-                logs = {"bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len, "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9)}
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-                progress.set_postfix(bits=f"{bits:.3f}")
-                window_start, window_tokens = time.perf_counter(), 0
-            if step % loop.checkpoint_every == 0 or step == loop.steps:
-                save_checkpoint(accelerator, checkpoint_root, dict(state), write_checkpoint_files, loop.keep_checkpoints)
-            if step >= loop.steps:
-                break
+            with gradient_sync(accelerator, micro == loop.grad_accum_steps - 1, model), accelerator.autocast():
+                loss = prior_step(model, grids, batch_labels, accelerator.backward, loop.grad_accum_steps)
+            nonfinite |= ~torch.isfinite(loss)
+        flags = reduce_window_flags(accelerator, nonfinite)  # the window's one host sync
+        if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
+            discard_window([optimizer], scaler)  # the prior keeps no buffers a forward changes
+            continue
+        grad_norm, = apply_updates([Update(optimizer, list(raw_model.parameters()), config.optim.grad_clip)], scaler)
+        scheduler.step()
+        if ema is not None:
+            update_ema(ema, raw_model, ema_decay_at(state.step, loop.ema_decay))
+        state.step += 1
+        step = state.step
+        progress.update(1)
+        if due(step, loop.log_every, loop.steps):
+            bits = float(accelerator.reduce(loss, reduction="mean")) / math.log(2)
+            logs = {"bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len, "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9)}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+            progress.set_postfix(bits=f"{bits:.3f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if due(step, loop.checkpoint_every, loop.steps):
+            save_checkpoint(accelerator, checkpoint_root, state, to_dict(config), write_checkpoint_files,
+                            loop.keep_checkpoints)
 
     progress.close()
     final = ema if ema is not None else raw_model
-    summary = {"step": state["step"], "bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len,
-               "uniform_bits_per_token": uniform_bits, "run_dir": str(run_dir)}
+    summary = {"step": state.step, "bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len,
+               "uniform_bits_per_token": uniform_bits, "nonfinite_steps": state.nonfinite_steps,
+               "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         prior_dir = save_prior(final, run_dir / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"],
                                                                "tokenizer": metadata.get("tokenizer", "")})
@@ -206,20 +226,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer_path = config.tokens.tokenizer or metadata.get("tokenizer", "")
         if tokenizer_path and Path(tokenizer_path).exists():
             tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=accelerator.device)
-            sample_labels = list(config.sample_labels) if config.sample_labels else None
+            sample_labels = list(config.sample_labels) or list(range(model_cfg.num_classes)) or None  # every class
             if sample_labels:
                 sample_labels = [sample_labels[i % len(sample_labels)] for i in range(config.sampling.num_samples)]
             grids, images = generate_images(final, tokenizer, config.sampling, sample_labels)
             summary["samples"] = str(save_samples(images, grids, run_dir / "samples"))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         accelerator.print(
             "\n== done ==\n"
-            f"steps {state['step']}, train NLL {bits:.3f} bits/token = {bits * model_cfg.seq_len:.0f} bits/image "
+            f"steps {state.step}, train NLL {bits:.3f} bits/token = {bits * model_cfg.seq_len:.0f} bits/image "
             f"(uniform prior: {uniform_bits:.2f} bits/token)\nprior: {summary['prior']}\n"
             f"samples: {summary.get('samples', 'none (no tokenizer to decode them)')}\n"
             f"tensorboard: tensorboard --logdir {run_dir}"
         )
     accelerator.end_training()
     return summary
+
+
+def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | None,
+               backward: Backward = plain_backward, accum_steps: int = 1) -> torch.Tensor:
+    """Next-token cross-entropy of (B, h, w) grids (nats/token); backward. -> the detached loss."""
+    logits = model(grids, labels)  # (B, K, h, w)
+    loss = F.cross_entropy(logits.float(), grids)
+    backward(loss / accum_steps)
+    return loss.detach()
 
 
 if __name__ == "__main__":

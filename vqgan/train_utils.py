@@ -1,71 +1,17 @@
-"""Pieces of the training loops that are not the loop: recipe reading, image grids, held-out evaluation."""
+"""Pieces of the tokenizer loop that are not the loop: image grids and the held-out evaluation."""
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
-from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from torchvision.utils import make_grid, save_image
 
-from vqgan.config import save_config, to_dict
 from vqgan.metrics.image_metrics import psnr
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_bytes, images_from_model_range
-
-
-def parse_recipe_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """`RECIPE.yaml [key=value ...]`, the command line of both training entry points."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
-
-
-def build_accelerator(run_dir: Path, mixed_precision: str, grad_accum_steps: int, tracker: str) -> Accelerator:
-    """The Accelerator both training loops use; mixed_precision "launcher" defers to `accelerate launch`."""
-    return Accelerator(
-        mixed_precision=None if mixed_precision == "launcher" else mixed_precision,
-        gradient_accumulation_steps=grad_accum_steps,
-        log_with=None if tracker == "none" else tracker,
-        project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, by the loop
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # the same shuffle on resume
-    )
-
-
-def start_run(accelerator: Accelerator, config: Any, run_dir: Path, project: str) -> None:
-    """Save the resolved config in the run folder and open the trackers."""
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    accelerator.init_trackers(project, config=tracker_config(config))
-
-
-def tracker_config(config: Any) -> dict[str, Any]:
-    """Flat {section/key: scalar} view of a config for TensorBoard's hparams (which takes scalars only)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, child in value.items():
-                walk(f"{prefix}/{key}" if prefix else key, child)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
-
-    walk("", to_dict(config))
-    return flat
-
-
-def count_anywhere(value: int | bool, accelerator: Accelerator) -> int:
-    """Sum of a per-process count (or flag) over all processes, so every process takes the same branch."""
-    total = torch.tensor([float(value)], device=accelerator.device)
-    return int(accelerator.reduce(total, reduction="sum").item())
 
 
 def save_png_atomic(images01: torch.Tensor, path: Path, nrow: int) -> None:

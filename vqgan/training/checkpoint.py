@@ -1,25 +1,36 @@
-"""Checkpoint folders: atomic save through Accelerate, newest-complete lookup for `resume=auto`, pruning.
+"""Checkpoint folders: atomic multi-process save, newest-complete resume, pruning, config drift.
 
-A checkpoint is written into a hidden temporary folder and renamed into place only once every file is
-on disk, so a run killed while saving leaves the previous checkpoint loadable. `train_state.json` is
-written last and holds the step counter; a folder without it is never resumed from.
+A checkpoint is written into a hidden temporary folder by every process (Accelerate's state: model,
+optimizer, scheduler and scaler files from the main process, one RNG file per process), then ours
+(safetensors of the EMA and other modules, the resolved config, the exported tokenizer), and is
+renamed into place by the main process only after a barrier, so every rank's files are inside.
+`train_state.json` is written last and holds the step counter; a folder without it is never resumed
+from. Old folders are renamed aside before they are deleted, so a kill mid-prune leaves no
+half-deleted folder that still looks complete. A kill at any moment leaves the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vqgan.config import ConfigError
+from vqgan.training.state import TrainState
 from vqgan.utils import atomic_write_text
 
 PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"
+CONFIG_FILE = "train_config.json"  # the resolved config the weights were trained with
+CHANGES_FILE = "config_changes.jsonl"  # in the run folder: what each resume changed
+TMP_PREFIX, TRASH_PREFIX = ".tmp-", ".trash-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,31 +61,63 @@ def latest_checkpoint(root: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def _remove(folder: Path) -> None:
+    """Rename aside, then delete: a kill mid-delete leaves a hidden folder, never a partial checkpoint."""
+    trash = folder.with_name(f"{TRASH_PREFIX}{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Delete the temporary and half-deleted folders a killed run left (main process, at start)."""
+    if Path(root).is_dir():
+        for path in Path(root).iterdir():
+            if path.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def save_modules(folder: Path, modules: Mapping[str, nn.Module | None]) -> None:
+    """State outside Accelerate's (EMA weights, LeCAM averages) as safetensors files: {file name: module}."""
+    for name, module in modules.items():
+        if module is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, Path(folder) / name)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     root: Path,
-    train_state: dict[str, Any],
+    state: TrainState,
+    config: Mapping[str, Any],
     write_extra: Callable[[Path], None] | None = None,
     keep_last: int = 3,
 ) -> Path:
-    """Save Accelerate's state plus our own files into root/checkpoint-STEP, atomically; keep the last K."""
+    """Save Accelerate's state, our files and the resolved `config` into root/checkpoint-STEP atomically.
+
+    Called by every process. `write_extra(folder)` runs on the main process inside a forked RNG, so
+    whatever it does (building a model to export draws random initial weights) cannot change what the
+    run draws next.
+    """
     root = Path(root)
-    final = root / checkpoint_name(train_state["step"])
-    tmp = root / f".tmp-{final.name}"
+    final = root / checkpoint_name(state.step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's RNG file is in tmp before the folder is renamed
     if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(tmp)
-        atomic_write_text(tmp / STATE_FILE, json.dumps(train_state, indent=2))
+        with torch.random.fork_rng(devices=[]):
+            if write_extra is not None:
+                write_extra(tmp)
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2))
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state.to_dict(), indent=2))
         if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
-            shutil.rmtree(final)
-        tmp.rename(final)
+            _remove(final)
+        os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -93,23 +136,91 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def save_modules(folder: Path, modules: dict[str, nn.Module | None]) -> None:
-    """State outside Accelerate's (EMA weights, LeCAM averages) as safetensors files: {file name: module}."""
-    for name, module in modules.items():
-        if module is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, Path(folder) / name)
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
-def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: dict[str, Any],
-           modules: dict[str, nn.Module | None]) -> Path | None:
-    """Restore Accelerate's state, the train state (into `state`) and `modules` from the checkpoint to resume."""
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} for every key whose value differs (or exists on one side)."""
+    old, new = flatten(saved), flatten(current)
+    missing = object()
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            changes[key] = (None if a is missing else a, None if b is missing else b)
+    return changes
+
+
+def is_frozen(key: str, frozen: Sequence[str]) -> bool:
+    """A key (or a section prefix ending in '.') that changes what the saved weights mean."""
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in frozen)
+
+
+def check_config_drift(checkpoint: Path, current: Mapping[str, Any], frozen: Sequence[str],
+                       ignore: Sequence[str] = ("train.resume",)) -> dict[str, tuple[Any, Any]]:
+    """Refuse a resume whose config changes a frozen key; -> the allowed changes (to print and record)."""
+    config_file = Path(checkpoint) / CONFIG_FILE
+    if not config_file.is_file():
+        return {}  # a checkpoint written before configs were kept in it: nothing to compare
+    changes = {k: v for k, v in config_changes(json.loads(config_file.read_text()), current).items()
+               if k not in ignore}
+    refused = {k: v for k, v in changes.items() if is_frozen(k, frozen)}
+    if refused:
+        lines = "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        raise ConfigError(
+            f"cannot resume {checkpoint}: these keys change what its weights mean:\n{lines}\n"
+            f"Put them back, start a new run (another run_dir, or train.resume='' to overwrite this one), "
+            f"or start from an exported tokenizer instead."
+        )
+    return changes
+
+
+def record_changes(run_dir: Path, checkpoint: Path, step: int, changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """Append one line of what a resume changed to RUN_DIR/config_changes.jsonl (main process)."""
+    line = json.dumps({"step": step, "checkpoint": str(checkpoint),
+                       "changes": {k: {"was": a, "now": b} for k, (a, b) in changes.items()}})
+    path = Path(run_dir) / CHANGES_FILE
+    previous = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, previous + line + "\n")
+
+
+def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: TrainState,
+           modules: Mapping[str, nn.Module | None], config: Mapping[str, Any], frozen: Sequence[str],
+           run_dir: Path) -> Path | None:
+    """Restore Accelerate's state, the train state and `modules` from the checkpoint to resume, if any.
+
+    The config is checked first: a change to a `frozen` key is refused naming the keys; other changes
+    are printed and appended to RUN_DIR/config_changes.jsonl.
+    """
+    if accelerator.is_main_process:
+        clean_leftovers(root)
     path = resolve_resume(resume_setting, root)
     if path is None:
         return None
+    changes = check_config_drift(path, config, frozen)
+    for name, module in modules.items():
+        if module is not None and not (path / name).is_file():
+            raise FileNotFoundError(f"cannot resume {path}: it has no {name} (the run was started without it; "
+                                    "put the setting back or start a new run)")
     accelerator.load_state(str(path))
-    state.update(read_train_state(path))
+    state.load(read_train_state(path))
     for name, module in modules.items():
         if module is not None:
-            module.load_state_dict(load_file(path / name, device=str(accelerator.device)))
-    accelerator.print(f"resumed from {path} at step {state['step']}")
+            module.load_state_dict(load_file(path / name))  # onto the module's own device
+    accelerator.print(f"resumed from {path} at step {state.step}")
+    if changes:
+        accelerator.print("config changed since that checkpoint (allowed; recorded in "
+                          f"{Path(run_dir) / CHANGES_FILE}):\n" +
+                          "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        if accelerator.is_main_process:
+            record_changes(run_dir, path, state.step, changes)
     return path
