@@ -45,10 +45,10 @@ TOKENIZER_RECIPE = {
 
 PRIOR_RECIPE = {
     "prior": "transformer",
-    "transformer": {"num_codes": 16, "grid": [4, 4], "num_classes": 3, "dim": 32, "depth": 2, "heads": 2,
+    "transformer": {"num_codes": 16, "grid": [8, 8], "num_classes": 3, "dim": 64, "depth": 3, "heads": 2,
                     "dropout": 0.1, "class_dropout": 0.1, "positions": "rope2d"},
     "optim": {"lr": 1e-3, "warmup_steps": 5, "schedule": "cosine", "weight_decay": 0.01},
-    "train": {"steps": 200, "batch_size": 8, "grad_accum_steps": 2, "log_every": 5, "checkpoint_every": 9,
+    "train": {"steps": 400, "batch_size": 8, "grad_accum_steps": 2, "log_every": 5, "checkpoint_every": 23,
               "keep_checkpoints": 2, "tracker": "none", "progress_bar": False, "mixed_precision": "no",
               "ema_decay": 0.99},
 }
@@ -200,7 +200,12 @@ def kill_and_resume(tmp_path: Path, trainer: str, recipe: dict, steps: int, proc
         if (tmp_path / "killed" / "summary.json").is_file():
             break
         # a random moment within the first third of the training that is left
-        landed += run_and_kill(killed_cmd, startup + rng.uniform(0.02, 0.35) * max(duration - startup, 1.0))
+        delay = startup + rng.uniform(0.02, 0.3) * max(duration - startup, 1.0)
+        hit = run_and_kill(killed_cmd, delay)
+        landed += hit
+        done = [p.name for p in (tmp_path / "killed" / "checkpoints").glob("checkpoint-*")]
+        print(f"kill after {delay:.1f} s (start-up {startup:.1f} s, run {duration:.1f} s): "
+              f"{'landed' if hit else 'run had finished'}; checkpoints {sorted(done)}")
     result = run_to_end(killed_cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     compared = assert_same_run(tmp_path / "ref", tmp_path / "killed", steps)
@@ -217,12 +222,12 @@ def test_tokenizer_killed_at_random_moments_resumes_bit_identical(tmp_path):
 
 def test_prior_killed_at_random_moments_resumes_bit_identical(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 16, (40, 4, 4), generator=generator)
-    labels = torch.randint(0, 3, (40,), generator=generator)
-    save_token_dataset(tmp_path / "tokens", tokens, labels, {"num_codes": 16, "grid": [4, 4], "tokenizer_hash": "test"})
+    tokens = torch.randint(0, 16, (64, 8, 8), generator=generator)  # 4 steps an epoch, 100 epochs
+    labels = torch.randint(0, 3, (64,), generator=generator)
+    save_token_dataset(tmp_path / "tokens", tokens, labels, {"num_codes": 16, "grid": [8, 8], "tokenizer_hash": "test"})
     recipe = {**PRIOR_RECIPE, "tokens": {"path": str(tmp_path / "tokens")}}
     landed, compared, seconds = kill_and_resume(
-        tmp_path, "prior", recipe, 200, processes=1, kills=8, targeted=("checkpoint-write:2", "prune:1"), seed=1)
+        tmp_path, "prior", recipe, 400, processes=1, kills=8, targeted=("checkpoint-write:2", "prune:1"), seed=1)
     print(f"prior, 1 process: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
     assert landed >= 5 and compared > 10
 

@@ -1,5 +1,6 @@
 """Optimizers: weight decay only on conv/linear weights (nanoGPT's split), and the lr schedule."""
 
+import copy
 import dataclasses
 import math
 
@@ -9,7 +10,15 @@ from torch import nn
 
 from vqgan.autoencoder import VQModel, VQModelConfig, preset
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
-from vqgan.optim import OptimConfig, build_optimizer, decay_split, lr_multiplier, weight_decay_groups
+from vqgan.optim import (
+    OptimConfig,
+    apply_config_after_resume,
+    build_optimizer,
+    build_scheduler,
+    decay_split,
+    lr_multiplier,
+    weight_decay_groups,
+)
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
 
@@ -104,13 +113,44 @@ def test_adamw_step_with_zero_gradients_shrinks_only_decayed_weights():
         assert torch.equal(after[name].detach(), before[name]), name
 
 
-def test_without_decay_it_is_adam_over_all_trainable_parameters_in_order():
+def test_without_decay_it_is_adamw_in_two_groups_and_steps_exactly_like_adam():
     model = tiny_vqmodel()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3))
-    assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
-    # One group in parameters() order: checkpoints written before the split still resume.
-    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2  # a resume may turn decay on
+    assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    adam_model = copy.deepcopy(model)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    for m, opt in ((model, optimizer), (adam_model, adam)):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p) * 0.01
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), adam_model.parameters()):
+        assert torch.equal(a, b), name
     assert type(build_optimizer(model.parameters(), OptimConfig(lr=1e-3))) is torch.optim.Adam
+
+
+def test_resumed_optimizer_takes_the_recipes_lr_betas_and_decay():
+    model = tiny_transformer()
+    saved_config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=2, schedule="cosine")
+    optimizer = build_optimizer(model, saved_config)
+    scheduler = build_scheduler(optimizer, saved_config, total_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = (copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict()))
+    new_config = OptimConfig(lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=2, schedule="cosine")
+    optimizer = build_optimizer(model, new_config)
+    scheduler = build_scheduler(optimizer, new_config, total_steps=10)
+    optimizer.load_state_dict(state[0])
+    scheduler.load_state_dict(state[1])
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0  # what loading alone gives: the old recipe
+    apply_config_after_resume(optimizer, scheduler, new_config)
+    expected_lr = 5e-4 * lr_multiplier(3, new_config, 10)
+    assert [g["lr"] for g in optimizer.param_groups] == [expected_lr, expected_lr]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_multiplier(4, new_config, 10))
 
 
 def test_plain_parameters_with_decay_are_refused_naming_the_fix():

@@ -58,6 +58,7 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    torch.use_deterministic_algorithms(False)  # train.deterministic sets it process-wide
 
 
 def run(recipe_path: Path, *overrides: str) -> dict:
@@ -313,7 +314,8 @@ def test_compile_with_r1_is_refused_with_the_reason(tmp_path):
 def test_early_ema_export_tracks_the_live_model(tmp_path):
     """At decay 0.9999 a plain EMA would be ~all initial weights after 3 steps; the warm-up EMA follows the model."""
     recipe = tiny_recipe(tmp_path / "run", model={"preset": "tiny", "quantizer": {"num_codes": 64, "kmeans_init": True}},
-                         train={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9999, "export_with_checkpoint": True})
+                         train={"steps": 3, "checkpoint_every": 3, "ema_decay": 0.9999, "export_with_checkpoint": True,
+                                "deterministic": True})
     path = write_recipe(tmp_path, recipe)
     run(path)
     checkpoint = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
@@ -337,13 +339,17 @@ def test_resume_refuses_a_changed_model_and_records_other_changes(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.image_size"):
         run(path, "train.steps=4", "data.image_size=16")
     summary = run(path, "train.steps=4", "optim.lr=0.0002")
-    assert summary["step"] == 4
+    assert summary["step"] == 4 and summary["train"]["lr"] == 0.0002  # applied, not only recorded
     changes = [json.loads(line) for line in (tmp_path / "run" / "config_changes.jsonl").read_text().splitlines()]
     assert changes[-1]["step"] == 2
     assert changes[-1]["changes"] == {"optim.lr": {"was": 0.0001, "now": 0.0002}, "train.steps": {"was": 2, "now": 4}}
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.0002
     # a finished run resumed again changes nothing and says so
     assert run(path, "train.steps=4", "optim.lr=0.0002")["step"] == 4
+    # starting over keeps the earlier checkpoints, out of the way
+    assert run(path, "train.steps=1", "train.resume=", "train.checkpoint_every=1")["step"] == 1
+    assert [read_train_state(c)["step"] for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1]
+    assert len(list((tmp_path / "run").glob("checkpoints.replaced-*"))) == 1
 
 
 SHARED_FS_CHECK = """

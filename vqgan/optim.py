@@ -83,15 +83,15 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
 
 
 def build_optimizer(model: nn.Module | Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """Adam; AdamW with decay on the matrix weights only (weight_decay_groups) when weight_decay > 0.
+    """AdamW over a module's two groups (weight_decay_groups: decay on the matrix weights only).
 
-    Pass the module itself: a bare iterable of parameters cannot be split and is refused with decay on.
+    Always the two groups and AdamW, also at weight_decay 0 (where AdamW's update is Adam's exactly), so
+    a resumed run may change optim.weight_decay: the checkpoint's optimizer state keeps its shape.
+    A bare iterable of parameters cannot be split: Adam, and refused with decay on.
     """
     if isinstance(model, nn.Module):
-        if config.weight_decay > 0:
-            groups = weight_decay_groups(model, config.weight_decay)
-            return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        params = [p for p in model.parameters() if p.requires_grad]
+        groups = weight_decay_groups(model, config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     else:
         if config.weight_decay > 0:
             raise TypeError(
@@ -116,6 +116,25 @@ def lr_multiplier(step: int, config: OptimConfig, total_steps: int) -> float:
     else:
         shape = 1.0 - progress
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape
+
+
+def apply_config_after_resume(optimizer: torch.optim.Optimizer, scheduler, config: OptimConfig) -> None:
+    """Make the recipe's lr, betas and weight decay win over the checkpoint's, after a resume.
+
+    Loading an optimizer's state restores its param_groups (lr, betas, weight_decay) and the
+    scheduler's base lrs as they were saved, which would silently ignore a changed optim.lr. The
+    schedule's position (last_epoch) and Adam's moments stay the checkpoint's.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrappers
+    schedule = getattr(scheduler, "scheduler", scheduler)
+    decays = [config.weight_decay, 0.0][: len(inner.param_groups)]
+    for group, decay in zip(inner.param_groups, decays):
+        group.update(betas=tuple(config.betas), weight_decay=decay, initial_lr=config.lr)
+    schedule.base_lrs = [config.lr] * len(inner.param_groups)
+    lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
+    for group, lr in zip(inner.param_groups, lrs):
+        group["lr"] = lr
+    schedule._last_lr = lrs
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):

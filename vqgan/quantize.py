@@ -19,6 +19,7 @@ from vqgan.quantize_utils import (
     all_reduce_sum,
     broadcast_from_rank0,
     entropy_penalty,
+    histogram,
     is_rank0,
     kmeans,
     nearest_code,
@@ -179,12 +180,12 @@ class VectorQuantizer(nn.Module):
                 entropy_loss = entropy_penalty(h, codes, cfg.entropy_temperature, cfg.chunk_size)
             loss = codebook_loss + cfg.beta * commitment_loss + cfg.entropy_weight * entropy_loss
             out = self._straight_through(h, h_q)  # (N, c), value exactly h_q
-            counts = torch.bincount(indices, minlength=cfg.num_codes)  # (K,)
+            counts = histogram(indices, cfg.num_codes)  # (K,)
             batch_perplexity = perplexity(counts)
             if self.training:
                 # Non-finite rows (an fp16 overflow) count for nothing: they go to an extra bin that is
                 # dropped, so the shapes stay fixed and nothing is read back to the host.
-                stat_counts = torch.bincount(torch.where(finite, indices, cfg.num_codes), minlength=cfg.num_codes + 1)
+                stat_counts = histogram(torch.where(finite, indices, cfg.num_codes), cfg.num_codes + 1)
                 self._update_statistics(h_stats, indices, stat_counts[: cfg.num_codes])
             usage = self._window_usage()
         out = self.project_out(out) if self.project_out is not None else out  # (N, D)
@@ -310,20 +311,19 @@ class VectorQuantizer(nn.Module):
     def _restart_dead_codes(self, h: Tensor) -> None:
         """Reseed codes unused for dead_code_threshold forwards from random rows of this batch.
 
-        Fixed shapes, no host sync: the first min(K, N) codes in "dead first" order each get a candidate
-        row, and only the dead ones among them take it (at most N codes restart per forward; the rest
-        wait for the next). Rank 0 draws the rows and broadcasts them, so every rank writes the same codes.
+        Fixed shapes, no host sync: every code gets a candidate row (distinct rows while N >= K, the
+        batch's rows in turn otherwise) and only the dead ones take it. The shape is K on every rank,
+        whatever each rank's batch holds, so the broadcast of rank 0's candidates always matches.
         """
         num_codes, n = self.config.num_codes, h.shape[0]
         dead = (self.step - self.last_used_step) >= self.config.dead_code_threshold  # (K,), same on all ranks
-        slots = min(num_codes, n)
-        rows = torch.argsort(dead.to(torch.int8), descending=True, stable=True)[:slots]  # (m,) dead codes first
         if is_rank0():
-            vectors = h[torch.randperm(n, device=h.device)[:slots]]  # (m, c), distinct rows
+            order = torch.randperm(n, device=h.device)  # (N,)
+            vectors = h[order[torch.arange(num_codes, device=h.device) % n]]  # (K, c)
         else:
-            vectors = h.new_empty(slots, h.shape[1])
+            vectors = h.new_empty(num_codes, h.shape[1])
         broadcast_from_rank0(vectors)
-        self._write_codes(rows, vectors, mask=dead[rows])
+        self._write_codes(torch.arange(num_codes, device=h.device), vectors, mask=dead)
 
     def _write_codes(self, rows: Tensor, vectors: Tensor, mask: Tensor | None = None) -> None:
         """Make the effective codes at `rows` equal `vectors` (inverting the affine map) and reset their age.

@@ -152,6 +152,16 @@ def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int)
     return per_sample + torch.xlogy(avg, avg).sum()
 
 
+def histogram(indices: Tensor, bins: int) -> Tensor:
+    """(N,) ints in [0, bins) -> (bins,) int64 counts, without a host sync.
+
+    torch.bincount on CUDA reads the input's min and max back to the host to size its output (two
+    syncs); a scatter-add into a fixed-size buffer needs none (and integer adds are exact in any order).
+    """
+    flat = indices.reshape(-1)
+    return torch.zeros(bins, dtype=torch.long, device=indices.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def perplexity(counts: Tensor) -> Tensor:
     """(K,) code histogram -> exp(entropy) of it: K for uniform use, 1 for a single code."""
     p = counts.float() / counts.sum().clamp_min(1)

@@ -28,7 +28,7 @@ from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.export import VQTokenizer, export_checkpoint
 from vqgan.losses import LeCAM, LossConfig
-from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
+from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.train_utils import evaluate_reconstruction, log_image_grid
 from vqgan.training.batches import resumable_batches
@@ -43,6 +43,7 @@ from vqgan.training.run import (
     due,
     parse_recipe_args,
     start_run,
+    use_deterministic_kernels,
 )
 from vqgan.training.state import TrainState
 from vqgan.training.window import (
@@ -77,6 +78,7 @@ class TrainLoopConfig:
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     progress_bar: bool = True
     channels_last: bool = False
+    deterministic: bool = False  # GPU: deterministic kernels, for bitwise-exact resume there (slower)
     compile: bool = False  # torch.compile the generator and discriminator in place (nn.Module.compile)
     lpips_weights: str = ""  # path to torchvision's vgg16-397923af.pth; "" = look in the torch hub cache
     require_lpips: bool = False  # True: missing LPIPS weights is an error; False: train without the term
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loop = config.train
     accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.tracker)
     check_shared_filesystem(accelerator, run_dir)
+    use_deterministic_kernels(loop.deterministic)
     set_seed(config.seed)  # the initial weights; each window then seeds itself (vqgan.training.rng)
     device = accelerator.device
 
@@ -186,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
     extra_state = {"generator_ema.safetensors": ema, "lecam.safetensors": lecam}  # outside Accelerate's state
-    resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir)
+    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
+        apply_config_after_resume(opt_g, sched_g, config.optim)  # a changed lr or decay is used, not ignored
+        apply_config_after_resume(opt_d, sched_d, config.disc_optim)
     start_run(accelerator, config, run_dir, "vqgan")
     f = config.model.downsample_factor
     size = config.data.image_size
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flags = reduce_window_flags(accelerator, nonfinite, overflow, empty)  # the window's one host sync
         if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
             snapshot.restore()  # the codebook, usage counters, LeCAM and BatchNorm statistics as before the window
-            discard_window([opt_g, opt_d], scaler)
+            discard_window([opt_g, opt_d], scaler, back_off=flags.nonfinite)
             continue
 
         # --- one optimizer step ---

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
 from vqgan.export import VQTokenizer
-from vqgan.optim import OptimConfig, build_optimizer, build_scheduler
+from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, load_token_dataset, token_dataset_tensors
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.io import build_prior, save_prior
@@ -37,7 +37,14 @@ from vqgan.training.batches import resumable_batches
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
 from vqgan.training.rng import seed_window
-from vqgan.training.run import build_accelerator, check_shared_filesystem, due, parse_recipe_args, start_run
+from vqgan.training.run import (
+    build_accelerator,
+    check_shared_filesystem,
+    due,
+    parse_recipe_args,
+    start_run,
+    use_deterministic_kernels,
+)
 from vqgan.training.state import TrainState
 from vqgan.training.window import (
     Backward,
@@ -75,6 +82,7 @@ class PriorLoopConfig:
     resume: str = "auto"
     max_nonfinite_in_row: int = 10
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    deterministic: bool = False  # GPU: deterministic kernels, for bitwise-exact resume there (slower)
     progress_bar: bool = True
 
 
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loop = config.train
     accelerator = build_accelerator(run_dir, loop.mixed_precision, loop.tracker)
     check_shared_filesystem(accelerator, run_dir)
+    use_deterministic_kernels(loop.deterministic)
     set_seed(config.seed)  # the initial weights; each window then seeds itself (vqgan.training.rng)
     device = accelerator.device
 
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
     extra_state = {"prior_ema.safetensors": ema}
-    resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir)
+    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
+        apply_config_after_resume(optimizer, scheduler, config.optim)  # a changed lr or decay is used, not ignored
     start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
     accelerator.print(

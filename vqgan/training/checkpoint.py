@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -107,19 +109,35 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process's RNG file is in tmp before the folder is renamed
+    error: BaseException | None = None
     if accelerator.is_main_process:
-        with torch.random.fork_rng(devices=[]):
-            if write_extra is not None:
-                write_extra(tmp)
-        atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2))
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state.to_dict(), indent=2))
-        if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
-            _remove(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            _remove(old)
-    accelerator.wait_for_everyone()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                if write_extra is not None:
+                    write_extra(tmp)
+            atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2))
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state.to_dict(), indent=2))
+            if final.exists():  # the same step saved again (e.g. the final save right after a periodic one)
+                _remove(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+                _remove(old)
+        except Exception as err:  # a full disk, a failed export: every process stops, none waits forever
+            error = err
+            shutil.rmtree(tmp, ignore_errors=True)
+    if any_process(accelerator, error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the main process failed to write {final} (its error is in its log); stopping")
     return final
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -178,8 +196,8 @@ def check_config_drift(checkpoint: Path, current: Mapping[str, Any], frozen: Seq
         lines = "\n".join(f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
         raise ConfigError(
             f"cannot resume {checkpoint}: these keys change what its weights mean:\n{lines}\n"
-            f"Put them back, start a new run (another run_dir, or train.resume='' to overwrite this one), "
-            f"or start from an exported tokenizer instead."
+            f"Put them back, or start a new run: another run_dir, or train.resume='' (which moves this run's "
+            f"checkpoints aside)."
         )
     return changes
 
@@ -193,24 +211,55 @@ def record_changes(run_dir: Path, checkpoint: Path, step: int, changes: Mapping[
     atomic_write_text(path, previous + line + "\n")
 
 
+# What to put back when a checkpoint lacks one of our extra files.
+EXTRA_FILE_SETTINGS = {"generator_ema.safetensors": "train.ema_decay > 0", "prior_ema.safetensors": "train.ema_decay > 0",
+                       "lecam.safetensors": "loss.lecam_weight > 0"}
+
+
+def set_aside(root: Path) -> Path | None:
+    """Move an earlier run's checkpoints out of the way (train.resume=''), never deleting them."""
+    if not list_checkpoints(root):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = root.with_name(f"{root.name}.replaced-{stamp}")
+    os.replace(root, aside)
+    return aside
+
+
 def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: TrainState,
            modules: Mapping[str, nn.Module | None], config: Mapping[str, Any], frozen: Sequence[str],
            run_dir: Path) -> Path | None:
     """Restore Accelerate's state, the train state and `modules` from the checkpoint to resume, if any.
 
-    The config is checked first: a change to a `frozen` key is refused naming the keys; other changes
-    are printed and appended to RUN_DIR/config_changes.jsonl.
+    The main process picks the checkpoint and tells the others (so all load the same one, even on a
+    filesystem whose listings lag). The config is checked first: a change to a `frozen` key is
+    refused naming the keys; other changes are printed and appended to RUN_DIR/config_changes.jsonl.
+    `resume=""` starts over: an earlier run's checkpoints are moved to checkpoints.replaced-TIME.
     """
+    chosen: list[Any] = [None]
     if accelerator.is_main_process:
         clean_leftovers(root)
-    path = resolve_resume(resume_setting, root)
-    if path is None:
+        if resume_setting == "":
+            aside = set_aside(root)
+            if aside is not None:
+                accelerator.print(f"train.resume='': starting over; the earlier checkpoints are in {aside}")
+        path = resolve_resume(resume_setting, root)
+        chosen = [None if path is None else str(path)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    accelerator.wait_for_everyone()
+    if chosen[0] is None:
         return None
+    path = Path(chosen[0])
     changes = check_config_drift(path, config, frozen)
     for name, module in modules.items():
         if module is not None and not (path / name).is_file():
-            raise FileNotFoundError(f"cannot resume {path}: it has no {name} (the run was started without it; "
-                                    "put the setting back or start a new run)")
+            setting = EXTRA_FILE_SETTINGS.get(name, "the setting that made it")
+            raise FileNotFoundError(f"cannot resume {path}: it has no {name}, so the run was trained without "
+                                    f"{setting}; put that setting back, or start over with train.resume=''")
+    if accelerator.scaler is not None and not (path / "scaler.pt").is_file():
+        raise FileNotFoundError(f"cannot resume {path} in fp16: it was trained without fp16 (no scaler.pt); "
+                                "resume with the precision it was trained in (train.mixed_precision)")
     accelerator.load_state(str(path))
     state.load(read_train_state(path))
     for name, module in modules.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,21 @@ def build_accelerator(run_dir: Path, mixed_precision: str, tracker: str) -> Acce
         step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, by the loop
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # the same shuffle on resume
     )
+
+
+def use_deterministic_kernels(enabled: bool) -> None:
+    """GPU runs: deterministic cuDNN/cuBLAS kernels, so that a resumed run can be bitwise equal to one left alone.
+
+    On CPU every kernel used here is deterministic already. On CUDA, atomics in convolution backward
+    and index_add_ make even two uninterrupted runs differ in the last bits unless this is on; it
+    costs some speed. warn_only: an op without a deterministic kernel warns instead of stopping.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def check_shared_filesystem(accelerator: Accelerator, folder: Path) -> None:

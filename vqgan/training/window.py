@@ -65,7 +65,11 @@ class WindowFlags:
 
 def reduce_window_flags(accelerator: Accelerator, nonfinite: torch.Tensor, overflow: torch.Tensor | None = None,
                         empty: bool = False) -> WindowFlags:
-    """The window's flags summed over processes: one all-reduce and one read, the window's only host sync."""
+    """The window's flags summed over processes: one all-reduce and one read.
+
+    This is the only host sync of a bf16/fp32 window; under fp16 the GradScaler adds one per
+    optimizer (its inf check before stepping).
+    """
     zero = torch.zeros((), device=nonfinite.device)
     local = torch.stack([nonfinite.float(), zero if overflow is None else overflow.float(), zero + float(empty)])
     total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
@@ -119,17 +123,23 @@ def apply_updates(updates: Sequence[Update], scaler: torch.amp.GradScaler | None
     return norms
 
 
-def discard_window(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
-    """Drop the window's gradients; under fp16 back the scale off, as an overflow in backward would.
+def discard_window(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None,
+                   back_off: bool = True) -> None:
+    """Drop the window's gradients; under fp16 (`back_off`) back the scale off as an overflow would.
 
     A loss that is already non-finite in the forward never reaches the scaler's inf check, so without
-    this the scale would stay where it overflowed and every later step would be skipped as well.
+    this the scale would stay where it overflowed and every later step would be skipped as well. Like
+    the scaler's own back-off, it restarts the count of good steps before the scale may grow again.
+    A window discarded for want of data (`back_off=False`) leaves the scale alone.
     """
     for optimizer in optimizers:
         _inner(optimizer).zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
+    if back_off and scaler is not None and scaler.is_enabled():
         one = torch.ones((), device=scaler_device(scaler))
         scaler.update(new_scale=scaler.scale(one) * scaler.get_backoff_factor())
+        growth_tracker = getattr(scaler, "_growth_tracker", None)  # torch keeps it private; None before use
+        if growth_tracker is not None:
+            growth_tracker.zero_()
 
 
 def scaler_device(scaler: torch.amp.GradScaler) -> str:
