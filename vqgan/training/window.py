@@ -1,9 +1,10 @@
 """One window of micro-batches: fused flags, the non-finite policy, the optimizer update, the undo.
 
 A window is `grad_accum_steps` micro-batches whose gradients add up to one optimizer step. Nothing
-inside it reads a value back to the host: each micro-batch ORs its loss's non-finiteness into a
-device flag, and the window ends with ONE all-reduce of [non-finite, empty] and one read. A window
-with a NaN/inf loss on any process is discarded whole (gradients dropped, counted once), and a
+inside it reads a value back to the host: each micro-batch ORs its loss's non-finiteness (and the
+adaptive weight's fp16 overflow) into device flags, and the window ends with ONE all-reduce of
+[non-finite, overflow, empty batch] and one read. A window with a NaN/inf loss on any process, or
+with a process that drew only unreadable files, is discarded whole (gradients dropped, counted once), and a
 `WindowSnapshot` taken at its start puts back every buffer the forwards changed (codebook, usage
 counters, LeCAM averages, BatchNorm statistics), so a discarded window leaves no trace but the
 data position and the counters.
