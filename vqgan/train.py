@@ -41,6 +41,7 @@ from vqgan.training.run import (
     check_shared_filesystem,
     compile_in_place,
     due,
+    finished_summary,
     parse_recipe_args,
     start_run,
     use_deterministic_kernels,
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
         apply_config_after_resume(opt_g, sched_g, config.optim)  # a changed lr or decay is used, not ignored
         apply_config_after_resume(opt_d, sched_d, config.disc_optim)
+    if (done := finished_summary(accelerator, state.step, loop.steps, run_dir)) is not None:
+        accelerator.end_training()
+        return done
     start_run(accelerator, config, run_dir, "vqgan")
     f = config.model.downsample_factor
     size = config.data.image_size
@@ -204,11 +208,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
 
-    if state.step >= loop.steps and (run_dir / "summary.json").is_file():
-        accelerator.print(f"{run_dir} is already complete at step {state.step} of {loop.steps}: nothing to train "
-                          "(raise train.steps to continue it, or set train.resume='' to start over)")
-        accelerator.end_training()
-        return json.loads((run_dir / "summary.json").read_text())
 
     local_skipped: set[str] = set()  # unreadable files this process met since the last merge
     adaptive_fallback = torch.tensor(state.adaptive_weight, device=device)  # see losses.adaptive_weight

@@ -41,6 +41,7 @@ from vqgan.training.run import (
     build_accelerator,
     check_shared_filesystem,
     due,
+    finished_summary,
     parse_recipe_args,
     start_run,
     use_deterministic_kernels,
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     extra_state = {"prior_ema.safetensors": ema}
     if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
         apply_config_after_resume(optimizer, scheduler, config.optim)  # a changed lr or decay is used, not ignored
+    if (done := finished_summary(accelerator, state.step, loop.steps, run_dir)) is not None:
+        accelerator.end_training()
+        return done
     start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
     accelerator.print(
@@ -173,11 +177,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
 
-    if state.step >= loop.steps and (run_dir / "summary.json").is_file():
-        accelerator.print(f"{run_dir} is already complete at step {state.step} of {loop.steps}: nothing to train "
-                          "(raise train.steps to continue it, or set train.resume='' to start over)")
-        accelerator.end_training()
-        return json.loads((run_dir / "summary.json").read_text())
 
     def write_checkpoint_files(folder: Path) -> None:
         save_prior(raw_model, folder / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import uuid
 from pathlib import Path
@@ -83,6 +84,16 @@ def check_shared_filesystem(accelerator: Accelerator, folder: Path) -> None:
             f"writes in {folder.absolute()}: checkpoints would not be found there at resume. Put run_dir on a "
             "filesystem every node mounts at the same path (NFS, Lustre, a shared bucket mount)."
         )
+
+
+def finished_summary(accelerator: Accelerator, step: int, steps: int, run_dir: Path) -> dict[str, Any] | None:
+    """The saved summary of a run already complete at `step` of `steps` (said once), or None to go on training."""
+    summary_file = Path(run_dir) / "summary.json"
+    if step < steps or not summary_file.is_file():
+        return None
+    accelerator.print(f"{run_dir} is already complete at step {step} of {steps}: nothing to train "
+                      "(raise train.steps to continue it, or set train.resume='' to start over)")
+    return json.loads(summary_file.read_text())
 
 
 def start_run(accelerator: Accelerator, config: Any, run_dir: Path, project: str) -> None:

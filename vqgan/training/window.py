@@ -136,15 +136,11 @@ def discard_window(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.am
     for optimizer in optimizers:
         _inner(optimizer).zero_grad(set_to_none=True)
     if back_off and scaler is not None and scaler.is_enabled():
-        one = torch.ones((), device=scaler_device(scaler))
+        one = torch.ones((), device=scaler._device)  # the device the scaler was made for (torch keeps it private)
         scaler.update(new_scale=scaler.scale(one) * scaler.get_backoff_factor())
         growth_tracker = getattr(scaler, "_growth_tracker", None)  # torch keeps it private; None before use
         if growth_tracker is not None:
             growth_tracker.zero_()
-
-
-def scaler_device(scaler: torch.amp.GradScaler) -> str:
-    return getattr(scaler, "_device", "cuda")
 
 
 def loss_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> torch.Tensor | float:
