@@ -40,11 +40,11 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def recipe(tmp_path: Path, tokenizer_dir: Path, **train) -> Path:
+def recipe(tmp_path: Path, tokenizer_dir: Path, prior: str = "transformer", **train) -> Path:
     data = {
         "run_dir": str(tmp_path / "run"),
-        "prior": "transformer",
-        "transformer": {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2},
+        "prior": prior,
+        prior: {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2},
         "tokens": {"path": str(tmp_path / "tokens"), "tokenizer": str(tokenizer_dir), "data": DATA},
         "train": {"steps": 4, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5,
                   "tracker": "none", "progress_bar": False, "mixed_precision": "no", **train},
@@ -83,17 +83,21 @@ def test_prior_trains_from_images_and_samples(tmp_path, tokenizer_dir):
     assert meta["kind"] == "transformer" and prior.config.grid == (8, 8)
 
 
-def test_prior_exact_resume(tmp_path, tokenizer_dir):
-    path = recipe(tmp_path, tokenizer_dir, steps=6, checkpoint_every=3)
-    run(path)
+@pytest.mark.parametrize("prior", ["transformer", "maskgit"])
+def test_prior_exact_resume(tmp_path, tokenizer_dir, prior):
+    path = recipe(tmp_path, tokenizer_dir, prior, steps=6, checkpoint_every=3)
+    first = run(path)
     last = tmp_path / "run" / "checkpoints" / "checkpoint-0000006"
     reference = load_file(last / "prior" / "model.safetensors")
     shutil.rmtree(last)
     summary = run(path)
-    assert summary["step"] == 6
+    assert summary["step"] == 6 and summary["bits_per_token"] == first["bits_per_token"]
     resumed = load_file(last / "prior" / "model.safetensors")
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+    model, meta = load_prior(tmp_path / "run" / "prior")
+    assert meta["kind"] == prior and model.config.grid == (8, 8)
+    assert len(list((tmp_path / "run" / "samples").glob("sample_*.png"))) == 4  # the final samples decode
 
 
 def test_token_dataset_mismatch_is_a_clear_error(tmp_path, tokenizer_dir):

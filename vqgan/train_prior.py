@@ -29,6 +29,7 @@ from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer,
 from vqgan.prior.data import check_token_dataset, load_token_dataset, token_dataset_tensors
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.io import build_prior, save_prior
+from vqgan.prior.maskgit import MaskGITConfig, masked_token_loss, training_mask
 from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import check_tokenizer_fits_prior, tokenize_dataset
@@ -91,9 +92,10 @@ class PriorLoopConfig:
 class PriorTrainConfig:
     run_dir: str = "runs/prior"
     seed: int = 0
-    prior: Literal["transformer", "pixelcnn"] = "transformer"
+    prior: Literal["transformer", "pixelcnn", "maskgit"] = "transformer"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+    maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95)))
     train: PriorLoopConfig = field(default_factory=PriorLoopConfig)
@@ -101,8 +103,9 @@ class PriorTrainConfig:
     sample_labels: tuple[int, ...] = ()  # class ids of the final samples (cycled); () = every class in turn
 
 
-def prior_config(config: PriorTrainConfig):
-    return config.transformer if config.prior == "transformer" else config.pixelcnn
+def prior_config(config: PriorTrainConfig) -> TransformerConfig | PixelCNNConfig | MaskGITConfig:
+    """The config section of the prior the recipe trains (`prior:` names it)."""
+    return getattr(config, config.prior)
 
 
 def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
@@ -135,7 +138,7 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
 
 
 # Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
-FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.")
+FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.", "maskgit.")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_labels = batch[1] if labels is not None else None
             window_tokens += grids.numel() * accelerator.num_processes
             with gradient_sync(accelerator, micro == loop.grad_accum_steps - 1, model), accelerator.autocast():
-                loss = prior_step(model, grids, batch_labels, accelerator.backward, loop.grad_accum_steps)
+                loss = prior_step(model, grids, batch_labels, accelerator.backward, loop.grad_accum_steps,
+                                  masking=model_cfg if config.prior == "maskgit" else None)
             nonfinite |= ~torch.isfinite(loss)
         flags = reduce_window_flags(accelerator, nonfinite)  # the window's one host sync
         if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {"step": state.step, "bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len,
                "uniform_bits_per_token": uniform_bits, "nonfinite_steps": state.nonfinite_steps,
                "run_dir": str(run_dir)}
+    # MaskGIT's loss is the cross-entropy of masked tokens given the rest, not the grid's likelihood
+    loss_name = "masked-token cross-entropy" if config.prior == "maskgit" else "train NLL"
     if accelerator.is_main_process:
         prior_dir = save_prior(final, run_dir / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"],
                                                                "tokenizer": metadata.get("tokenizer", "")})
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         accelerator.print(
             "\n== done ==\n"
-            f"steps {state.step}, train NLL {bits:.3f} bits/token = {bits * model_cfg.seq_len:.0f} bits/image "
+            f"steps {state.step}, {loss_name} {bits:.3f} bits/token = {bits * model_cfg.seq_len:.0f} bits/image "
             f"(uniform prior: {uniform_bits:.2f} bits/token)\nprior: {summary['prior']}\n"
             f"samples: {summary.get('samples', 'none (no tokenizer to decode them)')}\n"
             f"tensorboard: tensorboard --logdir {run_dir}"
@@ -253,10 +259,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | None,
-               backward: Backward = plain_backward, accum_steps: int = 1) -> torch.Tensor:
-    """Next-token cross-entropy of (B, h, w) grids (nats/token); backward. -> the detached loss."""
-    logits = model(grids, labels)  # (B, K, h, w)
-    loss = F.cross_entropy(logits.float(), grids)
+               backward: Backward = plain_backward, accum_steps: int = 1,
+               masking: MaskGITConfig | None = None) -> torch.Tensor:
+    """The training loss of (B, h, w) grids (nats/token); backward. -> the detached loss.
+
+    Autoregressive priors: next-token cross-entropy. With `masking` (the MaskGIT prior's config): mask
+    positions by its schedule and take the cross-entropy on the masked ones (not an NLL of the grid).
+    """
+    if masking is None:
+        logits = model(grids, labels)  # (B, K, h, w)
+        loss = F.cross_entropy(logits.float(), grids)
+    else:
+        mask = training_mask(tuple(grids.shape), masking.mask_schedule, grids.device)  # (B, h, w)
+        logits = model(grids, labels, mask)
+        loss = masked_token_loss(logits, grids, mask, masking.label_smoothing)
     backward(loss / accum_steps)
     return loss.detach()
 

@@ -1,6 +1,8 @@
-"""Autoregressive priors over tokenizer grids: Gated PixelCNN and a GPT-style transformer."""
+"""Priors over tokenizer grids: Gated PixelCNN and a GPT-style transformer (autoregressive), MaskGIT (parallel)."""
 
 from vqgan.prior.data import check_token_dataset, load_token_dataset, save_token_dataset, token_dataset_tensors
+from vqgan.prior.maskgit import MaskGITConfig, MaskGITPrior
+from vqgan.prior.maskgit_sampling import maskgit_decode, sample_maskgit
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior, nll_bits
 from vqgan.prior.sampling import (
     SamplingConfig,
@@ -15,8 +17,8 @@ from vqgan.prior.sampling import (
 from vqgan.prior.transformer import KVCache, TransformerConfig, TransformerPrior
 
 __all__ = [
-    "KVCache", "PixelCNNConfig", "PixelCNNPrior", "SamplingConfig", "TransformerConfig", "TransformerPrior",
+    "KVCache", "MaskGITConfig", "MaskGITPrior", "PixelCNNConfig", "PixelCNNPrior", "SamplingConfig", "TransformerConfig", "TransformerPrior",
     "check_null_class_trained", "check_token_dataset", "filter_logits", "generator_from_config",
-    "load_token_dataset", "nll_bits", "sample_from_logits", "sample_pixelcnn", "sample_prior", "sample_transformer",
+    "load_token_dataset", "maskgit_decode", "nll_bits", "sample_from_logits", "sample_maskgit", "sample_pixelcnn", "sample_prior", "sample_transformer",
     "save_token_dataset", "token_dataset_tensors",
 ]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqgan.config import from_dict, to_dict
+from vqgan.prior.maskgit import MaskGITConfig, MaskGITPrior
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
 from vqgan.utils import replace_folder_atomically
@@ -18,6 +19,7 @@ FORMAT_VERSION = 1
 PRIORS: dict[str, tuple[type, type[nn.Module]]] = {
     "transformer": (TransformerConfig, TransformerPrior),
     "pixelcnn": (PixelCNNConfig, PixelCNNPrior),
+    "maskgit": (MaskGITConfig, MaskGITPrior),
 }
 
 

@@ -3,6 +3,8 @@
 Randomness is one uniform per row per step drawn from the caller's `torch.Generator` and turned into
 a token by inverting the CDF of the filtered distribution. The cached and the uncached transformer
 paths therefore consume the generator identically and, for the same seed, give identical tokens.
+The MaskGIT prior's parallel decoding (maskgit_sampling.py) draws its tokens through the same
+functions; `sample_prior` samples any of the three families through their `sample` method.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from vqgan.prior.mask_schedule import check_mask_schedule
+
 if TYPE_CHECKING:  # the models import this module; only the type checker needs them here
+    from vqgan.prior.maskgit import MaskGITPrior
     from vqgan.prior.pixelcnn import PixelCNNPrior
     from vqgan.prior.transformer import TransformerPrior
 
@@ -36,6 +41,12 @@ class SamplingConfig:
     cfg_scale: float = 1.0         # uncond + scale * (cond - uncond); 1 = no guidance (Ho & Salimans 2022)
     use_kv_cache: bool = True      # transformer only; False recomputes the prefix every step
     seed: int | None = 0
+    # MaskGIT only (Chang et al. 2022, arXiv:2202.04200): parallel decoding steps, the mask schedule
+    # by name (mask_schedule.MASK_SCHEDULES) and the Gumbel scale of the re-masking choice, annealed by
+    # (1 - t/T); 4.5 is google-research/maskgit's ImageNet setting (sample_choice_temperature).
+    steps: int = 12
+    mask_schedule: str = "cosine"
+    choice_temperature: float = 4.5
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
@@ -43,6 +54,11 @@ class SamplingConfig:
                 f"num_samples and batch_size must be >= 1, got {self.num_samples} and {self.batch_size}"
             )
         check_sampling_settings(self.temperature, self.top_k, self.top_p, num_codes=None)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        check_mask_schedule(self.mask_schedule)
+        if not math.isfinite(self.choice_temperature) or self.choice_temperature < 0:
+            raise ValueError(f"choice_temperature must be a finite number >= 0, got {self.choice_temperature}")
 
 
 def check_sampling_settings(
@@ -107,7 +123,7 @@ def sample_from_logits(
     return torch.minimum(ids, last_valid).squeeze(-1)
 
 
-def _labels_tensor(labels: int | Sequence[int] | Tensor | None, n: int, num_classes: int,
+def labels_tensor(labels: int | Sequence[int] | Tensor | None, n: int, num_classes: int,
                    device: torch.device) -> Tensor | None:
     """User labels -> (n,) long tensor on `device`, checked against [0, num_classes)."""
     if labels is None:
@@ -125,7 +141,8 @@ def _labels_tensor(labels: int | Sequence[int] | Tensor | None, n: int, num_clas
     return labels
 
 
-def check_null_class_trained(num_classes: int, class_dropout: float, labels_given: bool, cfg_scale: float) -> None:
+def check_null_class_trained(num_classes: int, class_dropout: float, labels_given: bool, cfg_scale: float,
+                             section: str = "transformer") -> None:
     """Refuse to sample through the null class of a conditional transformer that never trained it.
 
     The null-class start token is trained only by class dropout (Ho & Salimans 2022, arXiv:2207.12598):
@@ -142,9 +159,29 @@ def check_null_class_trained(num_classes: int, class_dropout: float, labels_give
     if uses:
         raise ValueError(
             f"{' and '.join(uses)}, but this class-conditional prior ({num_classes} classes) was trained with "
-            "transformer.class_dropout=0, so its null class never trained: train with "
-            "transformer.class_dropout > 0, e.g. 0.1, or pass labels and cfg_scale=1"
+            f"{section}.class_dropout=0, so its null class never trained: train with "
+            f"{section}.class_dropout > 0, e.g. 0.1, or pass labels and cfg_scale=1"
         )
+
+
+def check_guidance(num_classes: int, class_dropout: float, labels: Tensor | None, cfg_scale: float,
+                   section: str = "transformer") -> bool:
+    """Validate classifier-free guidance for a prior with a null class -> whether sampling is guided."""
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+    guided = cfg_scale != 1.0
+    if guided and num_classes == 0:
+        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional prior; this one has num_classes=0")
+    if guided and labels is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs labels to guide towards")
+    check_null_class_trained(num_classes, class_dropout, labels is not None, cfg_scale, section)
+    return guided
+
+
+def guided_logits(logits: Tensor, n: int, cfg_scale: float) -> Tensor:
+    """(2n, ...) logits, conditional rows then null-class rows -> (n, ...) uncond + scale * (cond - uncond)."""
+    cond, uncond = logits[:n], logits[n:]
+    return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.inference_mode()
@@ -161,7 +198,7 @@ def sample_pixelcnn(
     cfg = model.config
     check_sampling_settings(temperature, top_k, top_p, cfg.num_codes)
     device = next(model.parameters()).device
-    labels = _labels_tensor(labels, n, cfg.num_classes, device)
+    labels = labels_tensor(labels, n, cfg.num_classes, device)
     if cfg.num_classes > 0 and labels is None:
         raise ValueError(f"the PixelCNN prior is class-conditional ({cfg.num_classes} classes): give labels")
     was_training = model.training
@@ -197,16 +234,9 @@ def sample_transformer(
     """
     cfg = model.config
     check_sampling_settings(temperature, top_k, top_p, cfg.num_codes)
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
     device = next(model.parameters()).device
-    labels = _labels_tensor(labels, n, cfg.num_classes, device)
-    guided = cfg_scale != 1.0
-    if guided and cfg.num_classes == 0:
-        raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional prior; this one has num_classes=0")
-    if guided and labels is None:
-        raise ValueError(f"cfg_scale={cfg_scale} needs labels to guide towards")
-    check_null_class_trained(cfg.num_classes, cfg.class_dropout, labels is not None, cfg_scale)
+    labels = labels_tensor(labels, n, cfg.num_classes, device)
+    guided = check_guidance(cfg.num_classes, cfg.class_dropout, labels, cfg_scale)
     start = model.start_ids(labels, n)                                              # (n,)
     if guided:  # rows [0, n) conditional, rows [n, 2n) the null class (Ho & Salimans 2022)
         start = torch.cat([start, model.start_ids(None, n)])                        # (2n,)
@@ -223,8 +253,7 @@ def sample_transformer(
         else:
             logits = model(seq[:, : i + 1])[:, :, -1]                               # (R, K)
         if guided:
-            cond, uncond = logits[:n], logits[n:]
-            logits = uncond + cfg_scale * (cond - uncond)                           # (n, K)
+            logits = guided_logits(logits, n, cfg_scale)                            # (n, K)
         tokens[:, i] = sample_from_logits(logits, temperature, top_k, top_p, generator)
         if i + 1 < cfg.seq_len:
             seq[:, i + 1] = tokens[:, i].repeat(rows // n)
@@ -241,7 +270,7 @@ def generator_from_config(config: SamplingConfig, device: str | torch.device = "
 
 @torch.inference_mode()
 def sample_prior(
-    model: PixelCNNPrior | TransformerPrior,
+    model: PixelCNNPrior | TransformerPrior | MaskGITPrior,
     config: SamplingConfig,
     labels: int | Sequence[int] | Tensor | None = None,
     generator: torch.Generator | None = None,

@@ -89,8 +89,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    """Multi-head self-attention; causal=False makes it bidirectional (the MaskGIT prior's encoder)."""
+
+    def __init__(self, config: TransformerConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.heads = config.heads
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
@@ -110,7 +113,9 @@ class CausalSelfAttention(nn.Module):
             v_cache[:, :, start_pos : start_pos + T] = v
             k, v = k_cache[:, :, : start_pos + T], v_cache[:, :, : start_pos + T]   # (B, H, S, D)
         mask, causal = None, False
-        if T > 1 and start_pos == 0:
+        if not self.causal:
+            pass  # every position attends to every position
+        elif T > 1 and start_pos == 0:
             causal = True
         elif T > 1:  # a chunk after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
@@ -123,11 +128,11 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, causal: bool = True):
         super().__init__()
         hidden = int(config.dim * config.mlp_ratio)
         self.ln1 = nn.LayerNorm(config.dim)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, causal)
         self.ln2 = nn.LayerNorm(config.dim)
         self.mlp = nn.Sequential(
             nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim), nn.Dropout(config.dropout)
