@@ -3,6 +3,7 @@ known token distribution, with the same learning test for the GPT and PixelCNN p
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -261,16 +262,23 @@ FAMILIES = {
                                                      kernel_size=3)),
 }
 # Total-variation tolerances for 1000 sampled grids; two independent sets of 1000 true grids differ by
-# about 0.005 (unigram) and 0.015 (neighbour pairs), measured below as the noise floor.
+# about 0.005 (unigram) and 0.013 (neighbour pairs), the noise floor the test measures too.
 UNIGRAM_TOLERANCE, PAIR_TOLERANCE = 0.03, 0.05
+# MaskGIT's default decoding keeps the most confident draws (choice_temperature 4.5, annealed): that
+# over-selects likely tokens, a mode-seeking bias MaskGIT accepts for image fidelity (Chang et al. 2022,
+# section 3.2). Measured here at about 0.11 (unigram) and 0.12 (pairs); decoding in random order
+# (a huge choice temperature) removes it and meets the common tolerances.
+MASKGIT_DEFAULT_TOLERANCE = 0.2
+RANDOM_ORDER = {"choice_temperature": 1e4}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_each_family_recovers_unigram_and_neighbour_pair_frequencies(family):
+@functools.lru_cache(maxsize=None)
+def trained_on_markov_grids(family: str) -> torch.nn.Module:
+    """The family's tiny prior after 600 steps of its own training objective on Markov-chain grids."""
     torch.manual_seed(0)
     model = FAMILIES[family]()
     masking = model.config if family == "maskgit" else None
-    steps, lr = 300, 1e-2
+    steps, lr = 600, 1e-2
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     data = torch.Generator().manual_seed(1)
@@ -280,14 +288,34 @@ def test_each_family_recovers_unigram_and_neighbour_pair_frequencies(family):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-    model.eval()
+    return model.eval()
 
-    samples = sample_prior(model, SamplingConfig(num_samples=1000, batch_size=500, seed=3))  # the defaults
+
+@pytest.mark.parametrize(
+    "family, sampling, unigram_tolerance, pair_tolerance",
+    [
+        ("transformer", {}, UNIGRAM_TOLERANCE, PAIR_TOLERANCE),
+        ("pixelcnn", {}, UNIGRAM_TOLERANCE, PAIR_TOLERANCE),
+        ("maskgit", RANDOM_ORDER, UNIGRAM_TOLERANCE, PAIR_TOLERANCE),
+        ("maskgit", {}, MASKGIT_DEFAULT_TOLERANCE, MASKGIT_DEFAULT_TOLERANCE),
+    ],
+    ids=["transformer", "pixelcnn", "maskgit-random-order", "maskgit-defaults"],
+)
+def test_each_family_recovers_unigram_and_neighbour_pair_frequencies(family, sampling, unigram_tolerance,
+                                                                    pair_tolerance):
+    model = trained_on_markov_grids(family)
+    config = SamplingConfig(num_samples=1000, batch_size=500, seed=3, **sampling)  # otherwise the defaults
+    samples = sample_prior(model, config)
     reference = markov_grids(20000, torch.Generator().manual_seed(2))
     floor = token_statistics_distance(markov_grids(1000, torch.Generator().manual_seed(4)), reference, 4)
     got = token_statistics_distance(samples, reference, 4)
     assert floor["unigram"] < UNIGRAM_TOLERANCE / 2 and floor["pair"] < PAIR_TOLERANCE / 2, floor
-    assert got["unigram"] < UNIGRAM_TOLERANCE and got["pair"] < PAIR_TOLERANCE, (family, got, floor)
+    assert got["unigram"] < unigram_tolerance and got["pair"] < pair_tolerance, (family, got, floor)
+    if family == "maskgit" and not sampling:  # the bias goes towards the likely codes: lower entropy
+        def entropy(tokens):
+            p = torch.bincount(tokens.flatten(), minlength=4).double() / tokens.numel()
+            return float(-(p * p.clamp_min(1e-12).log()).sum())
+        assert entropy(samples) < entropy(reference)
     nll = nll_bits_per_token(model, reference[:2000])
     assert (nll is None) == (family == "maskgit")
 
