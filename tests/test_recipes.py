@@ -7,7 +7,7 @@ import yaml
 
 from vqgan.config import ConfigError, load_config
 from vqgan.train import TrainConfig, load_train_config
-from vqgan.train_prior import PriorTrainConfig
+from vqgan.train_prior import PriorTrainConfig, prior_config
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 PRIOR_RECIPES = [p for p in RECIPES if p.name.startswith("prior_")]
@@ -15,7 +15,7 @@ PRIOR_RECIPES = [p for p in RECIPES if p.name.startswith("prior_")]
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"quickstart.yaml", "prior_quickstart.yaml", "cifar10_f4.yaml", "ffhq256_f16.yaml",
+    assert {"quickstart.yaml", "prior_quickstart.yaml", "prior_quickstart_maskgit.yaml", "cifar10_f4.yaml", "ffhq256_f16.yaml",
             "imagenet256_f16_l2.yaml", "imagenet256_f8.yaml"} <= names
 
 
@@ -23,7 +23,7 @@ def test_recipes_exist():
 def test_recipe_loads(recipe):
     if recipe.name.startswith("prior_"):
         config = load_config(PriorTrainConfig, recipe)
-        model = config.transformer if config.prior == "transformer" else config.pixelcnn
+        model = prior_config(config)
         assert model.num_codes > 1
     else:
         config = load_train_config(str(recipe), [])
@@ -80,7 +80,7 @@ def test_prior_recipe_names_the_data_its_tokenizer_and_prior_expect(recipe):
     # Without an explicit source the trainer would tokenize the default (embedded demo photos).
     assert "source" in raw["tokens"].get("data", {}), f"{recipe.name}: set tokens.data.source"
     config = load_config(PriorTrainConfig, recipe)
-    model = config.transformer if config.prior == "transformer" else config.pixelcnn
+    model = prior_config(config)
     data = config.tokens.data
     if model.num_classes > 0:
         assert data.label_column, f"{recipe.name}: num_classes={model.num_classes} needs tokens.data.label_column"

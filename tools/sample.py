@@ -35,13 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (transformer)")
     parser.add_argument("--labels", type=int, nargs="*", default=None, help="class id(s), cycled over the samples")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each step (reference path)")
+    parser.add_argument("--steps", type=int, default=12, help="maskgit: parallel decoding steps")
+    parser.add_argument("--mask-schedule", default="cosine", help="maskgit: cosine, linear, square, cubic, sqrt, log, exp")
+    parser.add_argument("--choice-temperature", type=float, default=4.5, help="maskgit: re-masking randomness")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
         config = SamplingConfig(num_samples=args.num_samples, batch_size=args.batch_size, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
-                                use_kv_cache=not args.no_kv_cache, seed=args.seed)
+                                use_kv_cache=not args.no_kv_cache, seed=args.seed, steps=args.steps,
+                                mask_schedule=args.mask_schedule, choice_temperature=args.choice_temperature)
         prior, meta = load_prior(args.prior, device=args.device)
         tokenizer_path = args.tokenizer or meta.get("tokenizer")
         if not tokenizer_path:
