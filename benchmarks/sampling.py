@@ -1,10 +1,13 @@
-"""Sampling speed of the priors: tokens/s for a 16x16 grid, transformer with and without KV cache, PixelCNN.
+"""Sampling speed of the priors: grids/s and tokens/s for a 16x16 grid, GPT with and without KV cache,
+PixelCNN and MaskGIT at 8, 12 and 16 parallel steps, all three families at a similar parameter count.
 
     .venv/bin/python benchmarks/sampling.py                 # CPU, writes benchmarks/results/sampling.md
     .venv/bin/python benchmarks/sampling.py --device cuda
+    .venv/bin/python benchmarks/sampling.py --quick         # tiny models: checks the script, writes nothing
 
 Random weights: speed does not depend on what the model learned. Each measurement samples whole grids
 (all h*w tokens) after one warm-up grid; the cached and uncached paths draw identical tokens.
+Goal (issue 14): MaskGIT at 12 steps >= 10x the cached GPT's tokens/s at batch 1.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common import describe_machine, timed
-from vqgan.prior import PixelCNNConfig, PixelCNNPrior, TransformerConfig, TransformerPrior
+from vqgan.prior import MaskGITConfig, MaskGITPrior, PixelCNNConfig, PixelCNNPrior, TransformerConfig, TransformerPrior
+from vqgan.prior.maskgit_sampling import sample_maskgit
 from vqgan.prior.sampling import sample_pixelcnn, sample_transformer
 from vqgan.utils import atomic_write_text, count_parameters, format_count
 
@@ -23,8 +27,12 @@ from vqgan.utils import atomic_write_text, count_parameters, format_count
 NOTE = (
     "A cached step processes one token per sequence, so at batch 1 it reads every weight once per token and "
     "is bound by memory bandwidth, while the uncached step re-encodes the prefix and is bound by compute; "
-    "the speed-up therefore grows with the batch."
+    "the speed-up therefore grows with the batch. MaskGIT runs the whole grid through a bidirectional "
+    "transformer once per step (no cache), so its cost is `steps` full forwards instead of L cached ones."
 )
+GOAL_STEPS, GOAL_SPEEDUP = 12, 10.0
+QUICK = dict(grid=4, num_codes=64, dim=32, depth=2, heads=2, pixelcnn_hidden=16, pixelcnn_layers=2,
+             batch_sizes=[1, 2], maskgit_steps=[2, 4, 8])
 
 
 def main() -> None:
@@ -35,12 +43,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--pixelcnn-hidden", type=int, default=64)
+    parser.add_argument("--pixelcnn-hidden", type=int, default=128, help="128 x 8 layers: 5.7M, like the GPT's 5.3M")
     parser.add_argument("--pixelcnn-layers", type=int, default=8)
+    parser.add_argument("--maskgit-steps", type=int, nargs="+", default=[8, 12, 16])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "sampling.md")
+    parser.add_argument("--quick", action="store_true", help="tiny models and grids: check the script in seconds")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown report (default benchmarks/results/sampling.md; none with --quick)")
     args = parser.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.output is None and not args.quick:
+        args.output = Path(__file__).parent / "results" / "sampling.md"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -52,18 +68,26 @@ def main() -> None:
                              depth=args.depth, heads=args.heads, positions="rope2d")
     pcfg = PixelCNNConfig(num_codes=args.num_codes, grid=grid, hidden=args.pixelcnn_hidden,
                           num_layers=args.pixelcnn_layers, kernel_size=5)
+    # MaskGIT: the GPT's architecture with attention unmasked, one more position (the class token) and a
+    # [MASK] embedding, so the two have the same parameter count up to one embedding row.
+    mcfg = MaskGITConfig(num_codes=args.num_codes, grid=grid, num_classes=0, dim=args.dim, depth=args.depth,
+                         heads=args.heads, positions="rope2d")
     transformer = TransformerPrior(tcfg).to(device).eval()
     pixelcnn = PixelCNNPrior(pcfg).to(device).eval()
+    maskgit = MaskGITPrior(mcfg).to(device).eval()
     described = describe_machine(device)
     print(f"machine: {described}")
     print(f"transformer: {tcfg}\n  {format_count(count_parameters(transformer))} parameters")
     print(f"pixelcnn: {pcfg}\n  {format_count(count_parameters(pixelcnn))} parameters")
+    print(f"maskgit: {mcfg}\n  {format_count(count_parameters(maskgit))} parameters")
 
     runs = {
         "transformer, KV cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=True),
         "transformer, no cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=False),
         "pixelcnn": lambda n, g: sample_pixelcnn(pixelcnn, n, generator=g),
     }
+    for steps in args.maskgit_steps:
+        runs[f"maskgit, {steps} steps"] = (lambda n, g, steps=steps: sample_maskgit(maskgit, n, generator=g, steps=steps))
     rows, seconds, samples = [], {}, {}
     for batch in args.batch_sizes:
         for name, run in runs.items():
@@ -73,18 +97,26 @@ def main() -> None:
             seconds[name, batch] = secs
             rate = batch * tokens_per_grid / secs
             rows.append((name, batch, secs, rate))
-            print(f"  {name:24s} batch {batch:3d}: {secs:8.2f} s  {rate:10.1f} tokens/s", flush=True)
+            print(f"  {name:24s} batch {batch:3d}: {secs:8.3f} s  {batch / secs:8.2f} grids/s  {rate:10.1f} tokens/s",
+                  flush=True)
         if not torch.equal(samples["transformer, KV cache", batch], samples["transformer, no cache", batch]):
             raise SystemExit(f"cached and uncached sampling disagree at batch {batch}")
 
     table = [
-        "| model | batch | seconds per batch | tokens/s | KV cache speed-up |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | batch | seconds per batch | grids/s | tokens/s | KV cache speed-up | vs cached GPT |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, batch, secs, rate in rows:
         speedup = (f"{seconds['transformer, no cache', batch] / secs:.1f}x"
                    if name == "transformer, KV cache" else "")
-        table.append(f"| {name} | {batch} | {secs:.2f} | {rate:.1f} | {speedup} |")
+        versus = f"{seconds['transformer, KV cache', batch] / secs:.1f}x"
+        table.append(f"| {name} | {batch} | {secs:.3f} | {batch / secs:.2f} | {rate:.1f} | {speedup} | {versus} |")
+    goal = ""
+    goal_key = (f"maskgit, {GOAL_STEPS} steps", 1)
+    if goal_key in seconds and ("transformer, KV cache", 1) in seconds:
+        ratio = seconds["transformer, KV cache", 1] / seconds[goal_key]
+        goal = (f"Goal: MaskGIT at {GOAL_STEPS} steps >= {GOAL_SPEEDUP:.0f}x the cached GPT's tokens/s at batch 1: "
+                f"{ratio:.1f}x, {'met' if ratio >= GOAL_SPEEDUP else 'NOT met'}.")
     report = "\n".join([
         "# Prior sampling speed",
         "",
@@ -100,16 +132,23 @@ def main() -> None:
         "whole prefix for every token (the reference path); both paths gave identical tokens.",
         f"- pixelcnn: hidden {pcfg.hidden}, {pcfg.num_layers} gated layers, kernel {pcfg.kernel_size}, "
         f"{format_count(count_parameters(pixelcnn))} parameters; reruns the net on rows 0..r for each token.",
+        f"- maskgit: the transformer's dim, depth, heads and rope2d, bidirectional, "
+        f"{format_count(count_parameters(maskgit))} parameters; cosine schedule, choice temperature 4.5, "
+        "one full forward per step.",
         "",
         *table,
+        "",
+        goal,
         "",
         NOTE,
         "",
     ])
     print()
     print("\n".join(table))
-    atomic_write_text(args.output, report)
-    print(f"\nwrote {args.output}")
+    print(goal)
+    if args.output is not None:
+        atomic_write_text(args.output, report)
+        print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":
