@@ -330,3 +330,29 @@ def test_token_statistics_distance_by_hand():
     assert token_statistics_distance(a, a, 2) == {"unigram": 0.0, "pair_right": 0.0, "pair_down": 0.0, "pair": 0.0}
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 2\)"):
         token_statistics_distance(a + 1, b, 2)
+
+
+def test_sample_tool_samples_a_maskgit_prior_with_its_steps(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from vqgan.autoencoder import VQModel, preset
+    from vqgan.export import VQTokenizer
+
+    tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")  # K=256
+    model = tiny_maskgit(num_codes=256, num_classes=0)
+    prior_dir = save_prior(model, tmp_path / "prior", {"tokenizer": str(tokenizer_dir)})
+    path = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
+    spec = importlib.util.spec_from_file_location("tool_sample", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "out"
+    args = [str(prior_dir), "--out", str(out), "--num-samples", "3", "--device", "cpu", "--seed", "5"]
+    assert tool.main([*args, "--steps", "4", "--mask-schedule", "linear", "--choice-temperature", "2"]) == 0
+    expected = sample_prior(model.eval(), SamplingConfig(num_samples=3, seed=5, steps=4, mask_schedule="linear",
+                                                         choice_temperature=2.0))
+    assert json.loads((out / "tokens.json").read_text()) == expected.tolist()
+    assert (out / "grid.png").is_file()
+    assert tool.main([*args, "--steps", "17"]) == 2  # a 4x4 grid has 16 positions
+    assert "steps=17 but a grid has only 16 masked positions" in capsys.readouterr().err

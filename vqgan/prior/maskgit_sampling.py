@@ -103,14 +103,17 @@ def maskgit_decode(
             logits = rearrange(logits, "r k h w -> r (h w) k")                                 # (R, L, K)
             if guided:
                 logits = guided_logits(logits, n, cfg_scale)                                    # (n, L, K)
-            drawn = current.clone()
-            drawn[masked] = sample_from_logits(logits[masked], temperature, top_k, top_p, generator)
-            log_probs = logits.double().log_softmax(-1).gather(-1, drawn[..., None])[..., 0]  # (n, L)
-            confidence = log_probs.nan_to_num(neginf=-1e300)
+            masked_logits = logits[masked]                                                      # (M, K)
+            ids = sample_from_logits(masked_logits, temperature, top_k, top_p, generator)       # (M,)
+            drawn = current.masked_scatter(masked, ids)
+            # Confidence: the model's log probability of each draw (google-research/maskgit uses the
+            # untempered, unfiltered softmax too); fixed tokens get +inf and are never masked again.
+            log_probs = masked_logits.double().log_softmax(-1).gather(-1, ids[:, None])[:, 0]  # (M,)
+            confidence = torch.full(masked.shape, math.inf, dtype=torch.float64, device=device)
+            confidence[masked] = log_probs.nan_to_num(neginf=-1e300)
             noise_scale = choice_temperature * (1.0 - (t + 1) / steps)
             if noise_scale > 0:
                 confidence = confidence + noise_scale * gumbel(tuple(confidence.shape), generator, device)
-            confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens are never masked again
             # Mask the counts[:, t] least confident positions again (all of them still unknown: the
             # known ones rank last with +inf, and counts[:, t] < the number still masked).
             order = confidence.argsort(dim=1, stable=True)                                      # (n, L)
