@@ -3,12 +3,19 @@ known token distribution, with the same learning test for the GPT and PixelCNN p
 
 from __future__ import annotations
 
+import argparse
 import functools
+import importlib.util
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from vqgan.autoencoder import VQModel, preset
+from vqgan.export import VQTokenizer
 from vqgan.prior import (
     MaskGITConfig,
     MaskGITPrior,
@@ -333,13 +340,6 @@ def test_token_statistics_distance_by_hand():
 
 
 def test_sample_tool_samples_a_maskgit_prior_with_its_steps(tmp_path, capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from vqgan.autoencoder import VQModel, preset
-    from vqgan.export import VQTokenizer
-
     tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")  # K=256
     model = tiny_maskgit(num_codes=256, num_classes=0)
     prior_dir = save_prior(model, tmp_path / "prior", {"tokenizer": str(tokenizer_dir)})
@@ -356,3 +356,18 @@ def test_sample_tool_samples_a_maskgit_prior_with_its_steps(tmp_path, capsys):
     assert (out / "grid.png").is_file()
     assert tool.main([*args, "--steps", "17"]) == 2  # a 4x4 grid has 16 positions
     assert "steps=17 but a grid has only 16 masked positions" in capsys.readouterr().err
+
+
+def test_fid_prior_source_samples_a_maskgit_prior(tmp_path, monkeypatch):
+    """tools/fid.py's `prior:` source (gFID) goes through sample_prior, so it takes MaskGIT unchanged."""
+    tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")
+    prior_dir = save_prior(tiny_maskgit(num_codes=256, num_classes=3), tmp_path / "prior", {"tokenizer": str(tokenizer_dir)})
+    spec = importlib.util.spec_from_file_location("tool_fid", Path(__file__).resolve().parents[1] / "tools" / "fid.py")
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tool_fid", tool)  # its dataclasses look their module up
+    spec.loader.exec_module(tool)
+    args = argparse.Namespace(prior_tokenizer=None, num_samples=5, batch_size=4, temperature=1.0, top_k=None,
+                              top_p=None, cfg_scale=1.0, seed=0)
+    batches = list(tool.prior_samples(str(prior_dir), 0, 1, args, torch.device("cpu")))
+    assert [b.shape[0] for b in batches] == [4, 1] and batches[0].dtype == torch.uint8
+    assert batches[0].shape[1:] == (3, 16, 16)  # 4x4 tokens, f=4
