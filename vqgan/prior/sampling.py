@@ -124,7 +124,7 @@ def sample_from_logits(
 
 
 def labels_tensor(labels: int | Sequence[int] | Tensor | None, n: int, num_classes: int,
-                   device: torch.device) -> Tensor | None:
+                  device: torch.device) -> Tensor | None:
     """User labels -> (n,) long tensor on `device`, checked against [0, num_classes)."""
     if labels is None:
         return None

@@ -112,12 +112,10 @@ class CausalSelfAttention(nn.Module):
             k_cache[:, :, start_pos : start_pos + T] = k
             v_cache[:, :, start_pos : start_pos + T] = v
             k, v = k_cache[:, :, : start_pos + T], v_cache[:, :, : start_pos + T]   # (B, H, S, D)
-        mask, causal = None, False
-        if not self.causal:
-            pass  # every position attends to every position
-        elif T > 1 and start_pos == 0:
+        mask, causal = None, False  # bidirectional (causal=False): every position attends to every position
+        if self.causal and T > 1 and start_pos == 0:
             causal = True
-        elif T > 1:  # a chunk after a cached prefix: is_causal would align the mask top-left
+        elif self.causal and T > 1:  # a chunk after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
