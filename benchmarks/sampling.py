@@ -32,7 +32,7 @@ NOTE = (
 )
 GOAL_STEPS, GOAL_SPEEDUP = 12, 10.0
 QUICK = dict(grid=4, num_codes=64, dim=32, depth=2, heads=2, pixelcnn_hidden=16, pixelcnn_layers=2,
-             batch_sizes=[1, 2], maskgit_steps=[2, 4, 8])
+             batch_sizes=[1, 2], maskgit_steps=[4, 8, 12])  # 12 steps still fit a 4x4 grid: the goal line runs
 
 
 def main() -> None:
