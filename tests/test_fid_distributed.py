@@ -1,4 +1,4 @@
-"""tools/fid.py under `accelerate launch` with 2 CPU processes gives the 1-process FID and counts.
+"""vqgan-fid under `accelerate launch` with 2 CPU processes gives the 1-process FID and counts.
 
 7 and 5 images: uneven shards, and the shard of 2 processes must neither drop nor duplicate the odd image.
 """
@@ -39,7 +39,7 @@ def test_two_processes_give_the_one_process_fid(tmp_path_factory):
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(ROOT / "tools" / "fid.py"), *args, "--num-workers", "1"]
+               "-m", "vqgan.cli.fid", *args, "--num-workers", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -262,7 +262,6 @@ def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | Non
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    from vqgan.cli.train_prior import main as command  # one-line user errors, --debug for the traceback
+
+    raise SystemExit(command())

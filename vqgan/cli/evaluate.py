@@ -1,7 +1,7 @@
 """Reconstruction metrics of a tokenizer on a dataset split: PSNR, SSIM, LPIPS, rFID, codebook usage.
 
-    python tools/evaluate_tokenizer.py runs/quickstart/tokenizer --out eval/ --data source=embedded image_size=32
-    python tools/evaluate_tokenizer.py TOKENIZER --data source=cifar10 image_column=img eval_split=test \
+    vqgan-evaluate runs/quickstart/tokenizer --out eval/ --data source=embedded image_size=32
+    vqgan-evaluate TOKENIZER --data source=cifar10 image_column=img eval_split=test \
         image_size=32 --split eval --inception-weights weights-inception-2015-12-05-6726825d.pth
 
 LPIPS is reported when the VGG16 weights are present and rFID when the InceptionV3 weights are (both
@@ -17,21 +17,20 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from vqgan.config import ConfigError, apply_overrides, from_dict  # noqa: E402
-from vqgan.data import DataConfig, build_dataloader  # noqa: E402
-from vqgan.export import VQTokenizer  # noqa: E402
-from vqgan.metrics.fid import FeatureStatistics, fid_from_stats  # noqa: E402
-from vqgan.metrics.image_metrics import psnr, ssim  # noqa: E402
-from vqgan.metrics.inception import load_inception  # noqa: E402
-from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne, save_image_grid  # noqa: E402
-from vqgan.perceptual import LPIPS, MissingWeightsError  # noqa: E402
-from vqgan.quantize_utils import perplexity  # noqa: E402
-from vqgan.utils import atomic_write_text, images_from_model_range  # noqa: E402
+from vqgan.config import apply_overrides, from_dict
+from vqgan.data import DataConfig, build_dataloader
+from vqgan.tokenizer import VQTokenizer
+from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
+from vqgan.metrics.image_metrics import psnr, ssim
+from vqgan.metrics.inception import load_inception
+from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne, save_image_grid
+from vqgan.perceptual import LPIPS, MissingWeightsError
+from vqgan.quantize_utils import perplexity
+from vqgan.utils import atomic_write_text, images_from_model_range
+from vqgan.cli.errors import add_debug_flag, run_command
 
 
 def to_uint8(images01: torch.Tensor) -> torch.Tensor:
@@ -115,8 +114,8 @@ def markdown_table(metrics: dict, notes: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vqgan-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig fields")
     parser.add_argument("--split", default="eval", choices=("train", "eval"))
@@ -129,16 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-download", action="store_true", help="never try to download missing weights")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    try:
-        # whole images: centre crops, no flips
-        data = from_dict(DataConfig, apply_overrides({"random_crop": False, "hflip": False}, args.data))
-        tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=device)
-        loader = build_dataloader(data, args.split, batch_size=args.batch_size, shuffle=False)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # whole images: centre crops, no flips
+    data = from_dict(DataConfig, apply_overrides({"random_crop": False, "hflip": False}, args.data))
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=device)
+    loader = build_dataloader(data, args.split, batch_size=args.batch_size, shuffle=False)
     lpips, lpips_note = optional_lpips(args.lpips_weights, not args.no_download)
     inception, fid_note = optional_inception(args.inception_weights, args.feature_layer, device, not args.no_download)
     notes = [n for n in (lpips_note, fid_note) if n]
@@ -164,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if args.no_plots else ", code_usage.png, codebook_tsne.png"))
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":
