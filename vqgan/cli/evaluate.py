@@ -5,8 +5,10 @@
         image_size=32 --split eval --inception-weights weights-inception-2015-12-05-6726825d.pth
 
 LPIPS is reported when the VGG16 weights are present and rFID when the InceptionV3 weights are (both
-otherwise say why they are missing). Writes metrics.json, metrics.md, code_counts.json, code_usage.png,
-codebook_tsne.png and reconstructions.png into --out; the last printed line is the JSON summary.
+otherwise say why they are missing). Writes summary.html (one page: figures, reconstructions, usage,
+codebook t-SNE), metrics.json, metrics.md, code_counts.json, code_usage.png, codebook_tsne.png and
+reconstructions.png into --out; the last printed line is the JSON summary. `vqgan-export --push-to-hub
+REPO --evaluation OUT/metrics.json --grid OUT/reconstructions.png` puts the figures into the model card.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from vqgan.tokenizer import VQTokenizer
 from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
 from vqgan.metrics.image_metrics import psnr, ssim
 from vqgan.metrics.inception import load_inception
-from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne, save_image_grid
+from vqgan.grids import save_image_grid
+from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne
+from vqgan.metrics.summary_page import write_summary_page
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_text, images_from_model_range
@@ -150,13 +154,19 @@ def run(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "metrics.md", markdown_table(metrics, notes))
     atomic_write_text(out / "code_counts.json", json.dumps(counts.tolist()))
     n = len(pairs) // 2
+    originals, recon = pairs[:n], pairs[n:]
+    scores = psnr(recon, originals, data_range=1.0).tolist()
     save_image_grid(pairs, out / "reconstructions.png", nrow=n,
-                    captions=["original"] * n + ["reconstruction"] * n)
+                    captions=["original"] * n + [f"PSNR {p:.1f} dB" for p in scores])
     if not args.no_plots:
         plot_code_usage(counts.numpy(), out / "code_usage.png")
         plot_codebook_tsne(tokenizer.codebook.cpu().numpy(), counts.numpy(), out / "codebook_tsne.png")
+    figures = [(out / "reconstructions.png", "originals (top) and reconstructions (bottom)"),
+               (out / "code_usage.png", "code usage, most to least used"),
+               (out / "codebook_tsne.png", "t-SNE of the codebook, coloured by usage")]
+    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, notes, figures)
     print(markdown_table(metrics, notes))
-    print(f"wrote {out}/metrics.json, metrics.md, code_counts.json, reconstructions.png"
+    print(f"wrote {out}/summary.html, metrics.json, metrics.md, code_counts.json, reconstructions.png"
           + ("" if args.no_plots else ", code_usage.png, codebook_tsne.png"))
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}))
     return 0

@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.sampling import SamplingConfig, generator_from_config, sample_prior
+from vqgan.grids import save_image_grid
 from vqgan.train_utils import save_png_atomic
 
 
@@ -37,8 +38,8 @@ def save_samples(images: torch.Tensor, tokens: torch.Tensor, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    grid = out_dir / "grid.png"
-    save_png_atomic(images, grid, nrow=nrow)
+    captions = [f"sample {i}" for i in range(len(images))]
+    grid = save_image_grid(images.clamp(0, 1), out_dir / "grid.png", nrow=nrow, captions=captions)  # readable size
     for i, image in enumerate(images):
         save_png_atomic(image.unsqueeze(0), out_dir / f"sample_{i:04d}.png", nrow=1)
     (out_dir / "tokens.json").write_text(json.dumps(tokens.tolist()))
