@@ -7,6 +7,7 @@ traceback always.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -50,6 +51,13 @@ def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | N
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     return 0 if status is None else int(status)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: `PROG: error: MESSAGE (see PROG --help)`, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_debug_flag(parser) -> None:

@@ -34,7 +34,7 @@ from vqgan.metrics.summary_page import write_summary_page
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_text, images_from_model_range
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def to_uint8(images01: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ def markdown_table(metrics: dict, notes: list[str]) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="vqgan-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig fields")
     parser.add_argument("--split", default="eval", choices=("train", "eval"))

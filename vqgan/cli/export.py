@@ -15,11 +15,11 @@ from pathlib import Path
 
 from vqgan.export import export_checkpoint
 from vqgan.tokenizer import VQTokenizer
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="vqgan-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint_dir", type=Path, help="a runs/NAME/checkpoints/checkpoint-NNNNNNN folder")
     parser.add_argument("out_dir", type=Path, help="tokenizer folder to write (replaced atomically if it exists)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 from vqgan.metrics.protocols import PROTOCOLS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from vqgan.metrics.inception import FEATURE_LAYERS
 
-    parser = argparse.ArgumentParser(prog="vqgan-fid", description=__doc__,
+    parser = CommandParser(prog="vqgan-fid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="+", metavar="SRC", help="one or two sources (see above)")
     parser.add_argument("--save-stats", type=Path, help="write the statistics of the first source to this .npz")

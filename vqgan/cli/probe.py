@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     fid_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="vqgan-probe", description=__doc__,
+    parser = CommandParser(prog="vqgan-probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="tokenizer folder or Hub repo id")
     parser.add_argument("--out", type=Path, required=True, help="folder for probe.json, probe.md and the prior run")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vqgan.tokenizer import VQTokenizer
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 GAP = 4  # white pixels between original and reconstruction
 
@@ -82,7 +82,7 @@ def _json_number(value: float) -> float | None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="vqgan-reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="tokenizer folder (vqgan-export) or Hub repo id")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs and metrics.json/.md")

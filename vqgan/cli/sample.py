@@ -18,11 +18,11 @@ from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.pretrained import from_pretrained as load_prior
 from vqgan.prior.sampling import SamplingConfig
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="vqgan-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prior", help="prior folder (runs/NAME/prior or a checkpoint's prior/) or Hub repo id")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the one the prior was trained on")
     parser.add_argument("--out", type=Path, default=Path("samples"))

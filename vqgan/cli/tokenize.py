@@ -20,11 +20,11 @@ from accelerate import Accelerator
 from vqgan.config import apply_overrides, from_dict
 from vqgan.data import DataConfig
 from vqgan.prior.tokenize import tokenize_dataset
-from vqgan.cli.errors import add_debug_flag, run_command
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="vqgan-tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
     parser.add_argument("out", type=Path, help="token dataset folder to write (replaced atomically)")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",

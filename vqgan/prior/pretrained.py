@@ -74,8 +74,9 @@ def push_to_hub(
 
     def write(folder: Path) -> None:
         save_prior(model, folder / "prior", dict(extra or {}))
-        for name in ("config.json", "model.safetensors"):
+        for name in ("config.json", "model.safetensors"):  # save_prior writes a folder of its own: flatten it
             (folder / "prior" / name).rename(folder / name)
+        (folder / "prior").rmdir()
         meta = json.loads((folder / "config.json").read_text())
         (folder / "README.md").write_text(prior_card(meta, evaluation), encoding="utf-8")
 
