@@ -300,3 +300,24 @@ def test_probe_trains_the_fixed_prior_and_reports_nll_and_gfid(assets, tmp_path)
     assert 0 < result["bits_per_token"] < 2 * result["uniform_bits_per_token"] and np.isfinite(result["gfid"])
     assert result["probe"]["steps"] == 3 and (out / "prior_run" / "prior" / "model.safetensors").is_file()
     assert (out / "probe.md").read_text().startswith("| tokenizer |")
+
+
+def test_inception_score_and_precision_recall_equal_torch_fidelity(assets, tmp_path):
+    import torch_fidelity
+
+    real, generated = tmp_path / "real", tmp_path / "generated"
+    rng = np.random.default_rng(1)
+    for folder, shift in ((real, 0), (generated, 60)):
+        folder.mkdir()
+        for i in range(12):
+            pixels = np.clip(rng.integers(0, 256, (32, 32, 3)) + shift, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    ours = fid.run([str(real), str(generated), "--isc", "--prc", "--inception-weights", str(assets["inception"]),
+                    "--feature-layer", "64", "--num-workers", "0", "--batch-size", "5"])
+    common = dict(cuda=False, feature_extractor_weights_path=str(assets["inception"]), cache=False, verbose=False)
+    isc = torch_fidelity.calculate_metrics(input1=str(generated), isc=True, **common)
+    prc = torch_fidelity.calculate_metrics(input1=str(generated), input2=str(real), prc=True,
+                                           feature_extractor="inception-v3-compat", feature_layer_prc="64", **common)
+    assert ours["isc2"] == pytest.approx(isc["inception_score_mean"], rel=1e-4)
+    assert ours["isc2_std"] == pytest.approx(isc["inception_score_std"], rel=1e-3, abs=1e-6)
+    assert (ours["precision"], ours["recall"]) == (pytest.approx(prc["precision"]), pytest.approx(prc["recall"]))

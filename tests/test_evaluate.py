@@ -74,6 +74,10 @@ def test_evaluate_tokenizer_reports_metrics_plots_and_missing_weights(tmp_path, 
     for name in ("reconstructions.png", "code_usage.png", "codebook_tsne.png"):
         with Image.open(out / name) as image:
             image.verify()
+    page = (out / "summary.html").read_text()  # one page: the figures and the three pictures, embedded
+    assert page.count("data:image/png;base64,") == 3 and "psnr" in page and "LPIPS skipped" in page
+    with Image.open(out / "reconstructions.png") as grid:
+        assert grid.height >= 2 * 96  # 32 px images enlarged to readable cells
 
 
 def test_bad_data_key_is_a_clear_error(assets):

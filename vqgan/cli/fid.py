@@ -61,12 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="prior: classifier-free guidance scale")
     parser.add_argument("--device", help="default: this process's accelerator device, else cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU: faster, not bit-comparable")
+    parser.add_argument("--isc", action="store_true", help="also the Inception Score of each image source "
+                        "(torch-fidelity's: 10 splits, shuffled with seed 2020)")
+    parser.add_argument("--prc", action="store_true", help="also precision/recall of SRC2 (generated) against SRC1 "
+                        "(real), torch-fidelity's k=3 manifolds, on the FID layer's Inception features")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if len(args.sources) > 2:
         parser.error(f"expected one or two sources, got {len(args.sources)}")
-    if len(args.sources) == 1 and args.save_stats is None:
-        parser.error("with one source, pass --save-stats PATH (or give a second source to compute FID)")
+    if len(args.sources) == 1 and args.save_stats is None and not args.isc:
+        parser.error("with one source, pass --save-stats PATH or --isc (or give a second source to compute FID)")
+    if args.prc and (len(args.sources) != 2 or any(src.endswith(".npz") for src in args.sources)):
+        parser.error("--prc needs two image sources (statistics files hold no per-image features)")
     return args
 
 
@@ -83,13 +89,34 @@ def check_reference(stats_source: str, stats_path: str, other: object, allow: bo
                          "--allow-different-reference)")
 
 
+def extra_metrics(per_image: list, args: argparse.Namespace) -> dict:
+    """Inception Score of each image source and precision/recall, computed by torch-fidelity's own functions."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    result = {}
+    for i, out in enumerate(per_image, start=1):
+        if args.isc and out is not None:
+            splits = min(10, len(out.logits))  # torch-fidelity's 10; fewer images would leave empty splits (NaN)
+            isc = isc_features_to_metric(out.logits, splits=splits, shuffle=True, rng_seed=2020)
+            result[f"isc{i}"], result[f"isc{i}_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+            print(f"Inception Score of {args.sources[i - 1]}: {result[f'isc{i}']:.4f} +- {result[f'isc{i}_std']:.4f}")
+    if args.prc:
+        real, generated = per_image[0].features, per_image[1].features
+        prc = prc_features_to_metric(generated, real, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True,
+                                     verbose=False)
+        result.update(precision=prc["precision"], recall=prc["recall"])
+        print(f"precision {prc['precision']:.4f}, recall {prc['recall']:.4f} ({args.sources[1]} against {args.sources[0]})")
+    return result
+
+
 def run(argv: list[str] | None = None) -> dict:
     """The command without its error handling: -> {"fid", "count1", "count2"} (and "stats")."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     from vqgan.metrics.fid import fid_from_stats, load_stats, save_stats
-    from vqgan.metrics.inception import InceptionFeatures, extractor_identity, resolve_weights_path
+    from vqgan.metrics.inception import LOGITS_LAYER, InceptionFeatures, extractor_identity, resolve_weights_path
     from vqgan.metrics.sources import ImageSource, SourceOptions, open_source, set_exact_float32, source_statistics
     from vqgan.utils import is_distributed
 
@@ -119,6 +146,7 @@ def run(argv: list[str] | None = None) -> dict:
         for i, spec in enumerate(args.sources)
     ]
     stats = [load_stats(s, identity) if isinstance(s, str) else None for s in sources]
+    per_image: list = [None] * len(sources)
     for i, loaded in enumerate(stats):
         if loaded is not None and len(sources) == 2:
             check_reference(loaded.source, sources[i], sources[1 - i], args.allow_different_reference)
@@ -131,8 +159,11 @@ def run(argv: list[str] | None = None) -> dict:
                 with warnings.catch_warnings():
                     if not state.is_main_process:  # one copy of load-time warnings is enough
                         warnings.simplefilter("ignore")
-                    extractor = InceptionFeatures(weights, args.feature_layer).to(device).eval()
-            stats[i] = source_statistics(source, extractor, state, device, args.bf16 and device.type == "cuda")
+                    extra = (LOGITS_LAYER,) if args.isc else ()
+                    extractor = InceptionFeatures(weights, args.feature_layer, extra_layers=extra).to(device).eval()
+            out = source_statistics(source, extractor, state, device, args.bf16 and device.type == "cuda",
+                                    keep_features=args.prc, keep_logits=args.isc)
+            stats[i], per_image[i] = out.stats, out
     result: dict = {"count1": stats[0].count}
     if state.is_main_process:  # the O(D^3) square root once, not on every process
         if any(s.count <= s.mu.shape[0] for s in stats):
@@ -142,6 +173,7 @@ def run(argv: list[str] | None = None) -> dict:
             result = {"fid": fid_from_stats(stats[0], stats[1]), "count1": stats[0].count, "count2": stats[1].count}
             print(f"FID: {result['fid']:.6f}  ({args.sources[0]}: {result['count1']} images, "
                   f"{args.sources[1]}: {result['count2']} images)")
+        result.update(extra_metrics(per_image, args))
         if args.save_stats is not None:
             save_stats(args.save_stats, stats[0])
             print(f"statistics of {args.sources[0]} ({stats[0].count} images) -> {args.save_stats}")

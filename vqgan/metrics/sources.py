@@ -20,7 +20,7 @@ ImageNet val resizes the shorter side to 256 and centre-crops, and a number is o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,18 +232,18 @@ class ImageSource:
     description: str
     count: int
     shard: Callable[[int, int], Batches]  # (rank, world) -> uint8 batches of this process's shard
-    shard_count: Callable[[int, int], int]  # (rank, world) -> how many images that shard holds
+    shard_indices: Callable[[int, int], Sequence[int]]  # (rank, world) -> global indices of that shard, in order
 
 
-def strided_count(count: int) -> Callable[[int, int], int]:
-    return lambda rank, world: len(range(rank, count, world))
+def strided_indices(count: int) -> Callable[[int, int], Sequence[int]]:
+    return lambda rank, world: range(rank, count, world)
 
 
 def dataset_source(description: str, dataset: Dataset, options: SourceOptions, pin: bool) -> ImageSource:
     def shard(rank: int, world: int) -> Batches:
         return shard_batches(dataset, rank, world, options.batch_size, options.num_workers, pin)
 
-    return ImageSource(description, len(dataset), shard, strided_count(len(dataset)))
+    return ImageSource(description, len(dataset), shard, strided_indices(len(dataset)))
 
 
 def open_source(spec: str, other: str | None, options: SourceOptions, device: torch.device) -> ImageSource | str:
@@ -270,7 +270,7 @@ def open_source(spec: str, other: str | None, options: SourceOptions, device: to
             return tokenizer_reconstructions(tokenizer, base.shard(rank, world))
 
         return ImageSource(f"reconstructions by {spec[6:]} of {base.description}", base.count, shard,
-                           base.shard_count)
+                           base.shard_indices)
     if spec.startswith("prior:"):
         if options.num_samples is None:
             raise ValueError("prior: needs --num-samples")
@@ -283,11 +283,11 @@ def open_source(spec: str, other: str | None, options: SourceOptions, device: to
         def shard(rank: int, world: int) -> Batches:
             return prior_samples(spec[6:], rank, world, options, device)
 
-        def shard_count(rank: int, world: int) -> int:
-            return sum(len(c) for b, c in enumerate(sample_batches(count, batch)) if b % world == rank)
+        def shard_indices(rank: int, world: int) -> list[int]:
+            return [i for b, c in enumerate(sample_batches(count, batch)) if b % world == rank for i in c]
 
         return ImageSource(f"{count} samples of {spec[6:]} (seed {options.seed}, batch {batch})", count, shard,
-                           shard_count)
+                           shard_indices)
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -301,18 +301,40 @@ def open_source(spec: str, other: str | None, options: SourceOptions, device: to
 
 
 # ----------------------------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class SourceFeatures:
+    """What one pass over a source gives: FID statistics, and per-image features when IS or P/R need them."""
+
+    stats: FIDStats
+    features: torch.Tensor | None = None  # (N, D) float32 of the FID layer, in global image order
+    logits: torch.Tensor | None = None  # (N, 1008) float32 Inception logits (for the Inception Score)
+
+
 def source_statistics(
-    source: ImageSource, extractor: InceptionFeatures, state: PartialState, device: torch.device, autocast: bool
-) -> FIDStats:
-    """Stream this process's shard through the extractor, then all-reduce the float64 sums across processes."""
+    source: ImageSource, extractor: InceptionFeatures, state: PartialState, device: torch.device, autocast: bool,
+    keep_features: bool = False, keep_logits: bool = False,
+) -> SourceFeatures:
+    """Stream this process's shard through the extractor, then all-reduce the float64 sums across processes.
+
+    With keep_features / keep_logits the per-image outputs are also gathered (N x D on every process) and put
+    in the global order of the source, so that IS and precision/recall see the images as one process would.
+    `extractor` must have been built with extra_layers=(LOGITS_LAYER,) for keep_logits.
+    """
     from tqdm import tqdm
 
-    shard_size = source.shard_count(state.process_index, state.num_processes)
+    indices = list(source.shard_indices(state.process_index, state.num_processes))
+    shard_size = len(indices)
     progress = tqdm(total=shard_size, desc=source.description[:40], unit="img", disable=not state.is_main_process)
+    kept: dict[str, list[torch.Tensor]] = {"features": [], "logits": []}
 
     def extract(images: torch.Tensor) -> torch.Tensor:  # autocast the extractor only, never a tokenizer or prior
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return extractor(images)
+            outputs = extractor.forward_layers(images)
+        if keep_features:
+            kept["features"].append(outputs[0].float().cpu())
+        if keep_logits:
+            kept["logits"].append(outputs[-1].float().cpu())
+        return outputs[0]
 
     start = time.perf_counter()
     batches = source.shard(state.process_index, state.num_processes)
@@ -328,7 +350,19 @@ def source_statistics(
         seconds = max(slowest.item(), 1e-9)
         print(f"{source.description}: {stats.count} images in {seconds:.1f} s, {stats.count / seconds:.2f} images/s "
               f"over {state.num_processes} process(es)")
-    return stats
+    gathered = {name: gather_in_order(torch.cat(parts), indices) if parts else None for name, parts in kept.items()}
+    return SourceFeatures(stats, gathered["features"], gathered["logits"])
+
+
+def gather_in_order(local: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """Every process's rows (n_r, D), each row's global index given, -> all rows (N, D) in global order."""
+    parts = [(list(indices), local)]
+    if is_distributed():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (list(indices), local))
+    order = torch.tensor([i for idx, _ in parts for i in idx])
+    rows = torch.cat([rows for _, rows in parts])
+    return rows[torch.argsort(order)]
 
 
 def set_exact_float32() -> None:
