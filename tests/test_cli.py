@@ -255,6 +255,8 @@ def test_rfid_on_mixed_sizes_and_the_reference_must_be_the_reconstructed_images(
     allowed = fid.run([str(ref), f"recon:{assets['tokenizer']}", "--images", str(other), "--allow-different-reference",
                        *common])
     assert allowed["fid"] == pytest.approx(result["fid"], rel=1e-9)  # same pixels, other folder
+    gfid = fid.run([str(assets["images"]), f"prior:{assets['prior']}", "--num-samples", "3", *common])  # mixed reference
+    assert (gfid["count1"], gfid["count2"]) == (4, 3) and np.isfinite(gfid["fid"])
 
 
 def test_prior_samples_do_not_depend_on_the_number_of_processes(assets):

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 

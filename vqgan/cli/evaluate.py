@@ -22,19 +22,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 from vqgan.config import apply_overrides, from_dict
 from vqgan.data import DataConfig, build_dataloader
-from vqgan.tokenizer import VQTokenizer
+from vqgan.grids import save_image_grid
 from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
 from vqgan.metrics.image_metrics import psnr, ssim
 from vqgan.metrics.inception import load_inception
-from vqgan.grids import save_image_grid
 from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne
 from vqgan.metrics.summary_page import write_summary_page
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.quantize_utils import perplexity
+from vqgan.tokenizer import VQTokenizer
 from vqgan.utils import atomic_write_text, images_from_model_range
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def to_uint8(images01: torch.Tensor) -> torch.Tensor:

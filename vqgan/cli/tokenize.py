@@ -17,10 +17,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 from vqgan.config import apply_overrides, from_dict
 from vqgan.data import DataConfig
 from vqgan.prior.tokenize import tokenize_dataset
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -11,8 +11,6 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from einops import rearrange  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from vqgan.grids import save_image_grid  # noqa: E402,F401  (re-export: grids moved to vqgan/grids.py)
 
