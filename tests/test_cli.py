@@ -217,6 +217,9 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(assets, tmp_path
 
 def test_errors_module_joins_multiline_messages():
     assert errors.one_line(ValueError("a\n  b\n")) == "a; b"
+    worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        "  File \"x.py\", line 1\nValueError: cannot read image a.png: broken")
+    assert errors.one_line(worker) == "cannot read image a.png: broken"
 
 
 # ------------------------------------------------------------------------------ protocols, rFID, gFID

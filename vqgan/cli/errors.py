@@ -27,6 +27,8 @@ def debug_enabled(argv: Sequence[str]) -> bool:
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line (continuation lines joined with '; ')."""
     text = str(err).strip() or type(err).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the message is the last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
     if isinstance(err, (FileNotFoundError, PermissionError)) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
