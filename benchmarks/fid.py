@@ -29,11 +29,10 @@ from PIL import Image
 
 from vqgan.metrics.fid import accumulate_features, frechet_distance
 from vqgan.metrics.inception import InceptionFeatures, write_random_inception_weights
+from vqgan.metrics import sources as fid_tool  # the vqgan-fid pipeline
 from vqgan.utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import fid as fid_tool  # noqa: E402  (tools/fid.py)
 
 
 def machine_description(device: str) -> str:
@@ -96,7 +95,7 @@ def theirs(folders: list[Path], weights: Path, device: str, batch_size: int) -> 
 
 
 def tool_rate(folder: Path, weights: Path, processes: int, batch_size: int, device: str, out: Path) -> float:
-    """images/s of tools/fid.py over `processes` accelerate processes: all images / the slowest process's time."""
+    """images/s of vqgan-fid over `processes` accelerate processes: all images / the slowest process's time."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -109,7 +108,7 @@ def tool_rate(folder: Path, weights: Path, processes: int, batch_size: int, devi
     if device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    command = [*launcher, str(ROOT / "tools" / "fid.py"), str(folder), "--save-stats", str(out),
+    command = [*launcher, "-m", "vqgan.cli.fid", str(folder), "--save-stats", str(out),
                "--inception-weights", str(weights), "--batch-size", str(batch_size)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -140,11 +139,11 @@ def main() -> None:
         write_images(folders[0], half, args.size, seed=0)
         write_images(folders[1], args.num_images - half, args.size, seed=1)
 
-        rates: dict[str, list[float]] = {"ours (tools/fid.py pipeline), 1 process": [],
+        rates: dict[str, list[float]] = {"ours (vqgan-fid pipeline), 1 process": [],
                                          "torch-fidelity 0.4.0 extraction, 1 process": []}
         for _ in range(args.rounds):
             seconds, stats_ours = ours(folders, weights, args.device, args.batch_size, args.workers)
-            rates["ours (tools/fid.py pipeline), 1 process"].append(args.num_images / seconds)
+            rates["ours (vqgan-fid pipeline), 1 process"].append(args.num_images / seconds)
             seconds, stats_theirs = theirs(folders, weights, args.device, args.batch_size)
             rates["torch-fidelity 0.4.0 extraction, 1 process"].append(args.num_images / seconds)
         if not args.skip_multiprocess:
@@ -152,8 +151,8 @@ def main() -> None:
             for _ in range(args.rounds):
                 for processes in (1, 2):
                     rate = tool_rate(tmp / "all", weights, processes, args.batch_size, args.device, tmp / "s.npz")
-                    rates.setdefault(f"tools/fid.py, accelerate launch, {processes} process(es), all of them", [])
-                    rates[f"tools/fid.py, accelerate launch, {processes} process(es), all of them"].append(rate)
+                    rates.setdefault(f"vqgan-fid, accelerate launch, {processes} process(es), all of them", [])
+                    rates[f"vqgan-fid, accelerate launch, {processes} process(es), all of them"].append(rate)
         fid_ours = frechet_distance(*stats_ours[0], *stats_ours[1])
         fid_theirs = frechet_distance(*stats_theirs[0], *stats_theirs[1])
 

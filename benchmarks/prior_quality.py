@@ -152,7 +152,7 @@ def main() -> None:
                 print(f"{name}: {distance} nll {nll} ({train_secs:.0f} s training, {sample_secs:.1f} s sampling)",
                       flush=True)
 
-    gfid = ("Inception weights present: run `tools/fid.py prior:RUN/prior DATASET --num-samples 10000` per family "
+    gfid = ("Inception weights present: run `vqgan-fid prior:RUN/prior DATASET --num-samples 10000` per family "
             "for gFID." if inception_weights_present() else
             "gFID: not computed, the Inception weights are absent on this machine (vqgan.metrics.inception); the "
             "token-statistics distance stands in.")

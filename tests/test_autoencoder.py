@@ -95,8 +95,8 @@ def test_encode_then_decode_indices_equals_forward_reconstruction(quantizer):
     x = images()
     with torch.no_grad():
         reconstruction, quant = model(x)
-        indices = model.encode(x)
-        decoded = model.decode_indices(indices)
+        indices = model.encode_model_range(x)
+        decoded = model.decode_model_range(indices)
     f, k = model.downsample_factor, model.config.quantizer.num_codes
     assert indices.shape == (2, 32 // f, 32 // f)
     assert indices.dtype == torch.long
@@ -163,7 +163,7 @@ def test_categorical_output_shape_and_to_images():
     x = images()
     with torch.no_grad():
         logits, _ = model(x)
-        decoded = model.decode_indices(model.encode(x))
+        decoded = model.decode_model_range(model.encode_model_range(x))
     assert logits.shape == (2, 256, 3, 32, 32)
     assert model.last_layer_weight.shape[0] == 256 * 3
     assert model.last_layer_weight is model.decoder.conv_out.weight
@@ -208,21 +208,21 @@ def test_bad_images_raise_value_error_naming_expected_and_got(bad, message):
     with pytest.raises(ValueError, match=message):
         model(bad)
     with pytest.raises(ValueError, match=message):
-        model.encode(bad)
+        model.encode_model_range(bad)
 
 
 def test_bad_indices_raise_value_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"shape \(B, h, w\), got \(1, 1, 8, 8\)"):
-        model.decode_indices(torch.zeros(1, 1, 8, 8, dtype=torch.long))
+        model.decode_model_range(torch.zeros(1, 1, 8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"integer indices, got dtype torch.float32"):
-        model.decode_indices(torch.zeros(1, 8, 8))
+        model.decode_model_range(torch.zeros(1, 8, 8))
     too_big = torch.zeros(1, 8, 8, dtype=torch.long)
     too_big[0, 3, 4] = 256
     with pytest.raises(ValueError, match=r"in \[0, 256\), got values in \[0, 256\]"):
-        model.decode_indices(too_big)
+        model.decode_model_range(too_big)
     with pytest.raises(ValueError, match=r"in \[0, 256\), got values in \[-1, 0\]"):
-        model.decode_indices(-too_big.clamp(max=1))
+        model.decode_model_range(-too_big.clamp(max=1))
 
 
 def test_unknown_preset_lists_valid_names():

@@ -222,10 +222,10 @@ def test_vqmodel_encode_in_train_mode_changes_no_state():
     model.train()
     model(images(2))  # initialise (k-means), so that encode runs on a trained-looking codebook
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = model.encode(images(2, seed=3))
+    ids = model.encode_model_range(images(2, seed=3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
-    assert torch.equal(ids, model.encode(images(2, seed=3))) and torch.equal(ids, model(images(2, seed=3))[1].indices)
+    assert torch.equal(ids, model.encode_model_range(images(2, seed=3))) and torch.equal(ids, model(images(2, seed=3))[1].indices)
 
 
 # ---------------------------------------------------------------- no host sync inside a step

@@ -1,4 +1,4 @@
-"""tools/evaluate_tokenizer.py and gFID of a prior through tools/fid.py, on tiny models and random Inception weights."""
+"""vqgan-evaluate and gFID of a prior through vqgan-fid, on tiny models and random Inception weights."""
 
 from __future__ import annotations
 
@@ -38,13 +38,15 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"VQGAN_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+    """`python -m vqgan.cli.NAME ARGS` in a fresh process, as the console command runs."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"VQGAN_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()),
+                               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
 
 
 def test_evaluate_tokenizer_reports_metrics_plots_and_missing_weights(tmp_path, assets):
     out = tmp_path / "eval"
-    result = run_tool("tools/evaluate_tokenizer.py", str(assets["tokenizer"]), "--out", str(out), "--no-download",
+    result = run_tool("vqgan.cli.evaluate", str(assets["tokenizer"]), "--out", str(out), "--no-download",
                       "--inception-weights", str(assets["inception"]), "--feature-layer", "64",
                       "--lpips-weights", str(tmp_path / "missing-vgg.pth"), "--data", *DATA)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -72,11 +74,16 @@ def test_evaluate_tokenizer_reports_metrics_plots_and_missing_weights(tmp_path, 
     for name in ("reconstructions.png", "code_usage.png", "codebook_tsne.png"):
         with Image.open(out / name) as image:
             image.verify()
+    page = (out / "summary.html").read_text()  # one page: the figures and the three pictures, embedded
+    assert page.count("data:image/png;base64,") == 3 and "psnr" in page and "LPIPS skipped" in page
+    with Image.open(out / "reconstructions.png") as grid:
+        assert grid.height >= 2 * 96  # 32 px images enlarged to readable cells
 
 
 def test_bad_data_key_is_a_clear_error(assets):
-    result = run_tool("tools/evaluate_tokenizer.py", str(assets["tokenizer"]), "--data", "imag_size=32")
+    result = run_tool("vqgan.cli.evaluate", str(assets["tokenizer"]), "--data", "imag_size=32")
     assert result.returncode == 2 and "imag_size" in result.stderr and "image_size" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")  # one line, no traceback
 
 
 def test_gfid_samples_a_prior_on_the_fly(tmp_path, assets):
@@ -84,12 +91,13 @@ def test_gfid_samples_a_prior_on_the_fly(tmp_path, assets):
     folder.mkdir()
     for i in range(4):
         Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
-    result = run_tool("tools/fid.py", str(folder), f"prior:{assets['prior']}", "--num-samples", "5",
+    result = run_tool("vqgan.cli.fid", str(folder), f"prior:{assets['prior']}", "--num-samples", "5",
                       "--batch-size", "2", "--top-k", "20", "--inception-weights", str(assets["inception"]),
                       "--feature-layer", "64", "--no-download")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["count1"] == 4 and summary["count2"] == 5 and math.isfinite(summary["fid"])
-    bad = run_tool("tools/fid.py", str(folder), f"prior:{assets['prior']}", "--num-samples", "2", "--top-p", "2",
+    bad = run_tool("vqgan.cli.fid", str(folder), f"prior:{assets['prior']}", "--num-samples", "2", "--top-p", "2",
                    "--inception-weights", str(assets["inception"]), "--feature-layer", "64", "--no-download")
-    assert bad.returncode != 0 and "top_p" in bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert bad.returncode == 2 and len(errors) == 1 and "top_p" in errors[0] and "Traceback" not in bad.stderr

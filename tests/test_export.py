@@ -4,7 +4,7 @@ input validation, checkpoint export with and without EMA, the reconstruct tool, 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -82,11 +82,8 @@ def images(batch: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def tool(name: str):
-    """A tools/ script as a module, to call its main() in-process (cheaper than a subprocess)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A console command's module (vqgan.cli.NAME), to call its main() in-process (cheaper than a subprocess)."""
+    return importlib.import_module(f"vqgan.cli.{name}")
 
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -421,9 +418,9 @@ def test_export_without_ema_file_suggests_no_ema(tmp_path):
 
 def test_export_tool_cli_with_onnx(tmp_path, capsys):
     make_checkpoint(tmp_path / "ckpt", with_ema=False)
-    assert tool("export_tokenizer").main([str(tmp_path / "ckpt"), str(tmp_path / "tok")]) == 2
+    assert tool("export").main([str(tmp_path / "ckpt"), str(tmp_path / "tok")]) == 2
     assert "--no-ema" in capsys.readouterr().err
-    result = run(["tools/export_tokenizer.py", str(tmp_path / "ckpt"), str(tmp_path / "tok"), "--no-ema",
+    result = run(["-m", "vqgan.cli.export", str(tmp_path / "ckpt"), str(tmp_path / "tok"), "--no-ema",
                   "--format", "onnx", "--onnx-size", "32", "40"])
     assert result.returncode == 0, result.stderr
     assert "K=256" in result.stdout and "32x32 -> 64 tokens" in result.stdout
@@ -466,7 +463,7 @@ def test_reconstruct_tool_writes_side_by_side_pngs_and_psnr(saved, tmp_path):
         pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
         Image.fromarray(pixels.numpy()).save(tmp_path / name)
     out = tmp_path / "recon"
-    result = run(["tools/reconstruct.py", str(saved), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+    result = run(["-m", "vqgan.cli.reconstruct", str(saved), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
                   "--out", str(out), "--device", "cpu", "--check-bf16"])
     assert result.returncode == 0, result.stderr
     assert "PSNR" in result.stdout and "ids differ" in result.stdout

@@ -1,4 +1,4 @@
-"""tools/fid.py under `accelerate launch` with 2 CPU processes gives the 1-process FID and counts.
+"""vqgan-fid under `accelerate launch` with 2 CPU processes gives the 1-process FID and counts.
 
 7 and 5 images: uneven shards, and the shard of 2 processes must neither drop nor duplicate the odd image.
 """
@@ -33,13 +33,13 @@ def test_two_processes_give_the_one_process_fid(tmp_path_factory):
     write_images(root / "a", 7, shift=0.0, seed=0)
     write_images(root / "b", 5, shift=40.0, seed=1)
     args = [str(root / "a"), str(root / "b"), "--inception-weights", str(weights), "--feature-layer", "64",
-            "--batch-size", "2"]
+            "--batch-size", "2", "--isc", "--prc"]  # IS and P/R gather per-image features in global order
     single = run_tool([*args, "--num-workers", "0"])
 
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(ROOT / "tools" / "fid.py"), *args, "--num-workers", "1"]
+               "-m", "vqgan.cli.fid", *args, "--num-workers", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,3 +47,5 @@ def test_two_processes_give_the_one_process_fid(tmp_path_factory):
     double = json.loads(done.stdout.strip().splitlines()[-1])
     assert (double["count1"], double["count2"]) == (single["count1"], single["count2"]) == (7, 5)
     assert double["fid"] == pytest.approx(single["fid"], rel=1e-9)
+    for key in ("isc1", "isc2", "isc1_std", "precision", "recall"):
+        assert double[key] == pytest.approx(single[key], rel=1e-6), key

@@ -3,13 +3,9 @@ known token distribution, with the same learning test for the GPT and PixelCNN p
 
 from __future__ import annotations
 
-import argparse
 import functools
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -343,10 +339,7 @@ def test_sample_tool_samples_a_maskgit_prior_with_its_steps(tmp_path, capsys):
     tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")  # K=256
     model = tiny_maskgit(num_codes=256, num_classes=0)
     prior_dir = save_prior(model, tmp_path / "prior", {"tokenizer": str(tokenizer_dir)})
-    path = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
-    spec = importlib.util.spec_from_file_location("tool_sample", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from vqgan.cli import sample as tool
     out = tmp_path / "out"
     args = [str(prior_dir), "--out", str(out), "--num-samples", "3", "--device", "cpu", "--seed", "5"]
     assert tool.main([*args, "--steps", "4", "--mask-schedule", "linear", "--choice-temperature", "2"]) == 0
@@ -359,15 +352,12 @@ def test_sample_tool_samples_a_maskgit_prior_with_its_steps(tmp_path, capsys):
 
 
 def test_fid_prior_source_samples_a_maskgit_prior(tmp_path, monkeypatch):
-    """tools/fid.py's `prior:` source (gFID) goes through sample_prior, so it takes MaskGIT unchanged."""
+    """vqgan-fid's `prior:` source (gFID) goes through sample_prior, so it takes MaskGIT unchanged."""
     tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")
     prior_dir = save_prior(tiny_maskgit(num_codes=256, num_classes=3), tmp_path / "prior", {"tokenizer": str(tokenizer_dir)})
-    spec = importlib.util.spec_from_file_location("tool_fid", Path(__file__).resolve().parents[1] / "tools" / "fid.py")
-    tool = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "tool_fid", tool)  # its dataclasses look their module up
-    spec.loader.exec_module(tool)
-    args = argparse.Namespace(prior_tokenizer=None, num_samples=5, batch_size=4, temperature=1.0, top_k=None,
-                              top_p=None, cfg_scale=1.0, seed=0)
-    batches = list(tool.prior_samples(str(prior_dir), 0, 1, args, torch.device("cpu")))
+    from vqgan.metrics.sources import SourceOptions, prior_samples
+
+    options = SourceOptions(num_samples=5, batch_size=4, steps=4)
+    batches = list(prior_samples(str(prior_dir), 0, 1, options, torch.device("cpu")))
     assert [b.shape[0] for b in batches] == [4, 1] and batches[0].dtype == torch.uint8
     assert batches[0].shape[1:] == (3, 16, 16)  # 4x4 tokens, f=4

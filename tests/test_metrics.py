@@ -9,11 +9,8 @@ only change where the shared forward stops, and the 2048-d comparison is printed
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import io
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -38,14 +35,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*not the official TF-FID")  # t
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@functools.cache
 def load_tool():
-    """tools/fid.py as a module (tools/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("fid_tool", ROOT / "tools" / "fid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    """The vqgan-fid command (`main` = its body, which raises) and its library half, vqgan.metrics.sources."""
+    from vqgan.cli import fid
+    from vqgan.metrics import sources
+
+    return types.SimpleNamespace(main=fid.run, collate_runs=sources.collate_runs,
+                                 float_to_uint8=sources.float_to_uint8)
 
 
 def random_weights(tmp_path_factory) -> Path:
@@ -226,23 +222,21 @@ def test_collate_runs_groups_equal_sizes_in_order():
     assert tool.float_to_uint8(torch.tensor([0.0, 0.5 / 255, 1.0, 1.5])).tolist() == [0, 1, 255, 255]
 
 
-def test_tokenizer_reconstructions_follow_the_planned_api(monkeypatch):
-    class IdentityTokenizer:  # the planned vqgan.export.VQTokenizer surface
-        @classmethod
-        def from_pretrained(cls, path):
-            return cls()
+def test_tokenizer_reconstructions_of_mixed_sizes_equal_the_real_tokenizer_per_image():
+    from vqgan.autoencoder import VQModel, preset
+    from vqgan.metrics.sources import tokenizer_reconstructions
+    from vqgan.tokenizer import VQTokenizer
 
-        def encode(self, images01):
-            assert images01.dtype == torch.float32 and images01.max() <= 1
-            return images01
-
-        def decode(self, ids):
-            return ids
-
-    monkeypatch.setitem(sys.modules, "vqgan.export", types.SimpleNamespace(VQTokenizer=IdentityTokenizer))
-    batches = [torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8) for _ in range(2)]
-    out = list(load_tool().tokenizer_reconstructions("unused", batches, torch.device("cpu")))
-    assert all(torch.equal(a, b) for a, b in zip(out, batches))  # uint8 -> [0, 1] -> uint8 is lossless
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer.from_model(VQModel(preset("tiny")))  # f = 4
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=generator),
+               torch.randint(0, 256, (1, 3, 18, 23), dtype=torch.uint8, generator=generator)]  # not multiples of f
+    out = list(tokenizer_reconstructions(tokenizer, batches))
+    assert [tuple(o.shape) for o in out] == [(2, 3, 16, 16), (1, 3, 16, 20)]  # centre-cropped to multiples of 4
+    cropped = batches[1][..., 1:17, 1:21]
+    expected = (tokenizer.decode(tokenizer.encode(cropped.float() / 255)) * 255 + 0.5).floor().to(torch.uint8)
+    assert torch.equal(out[1], expected) and out[0].dtype == torch.uint8
 
 
 # ----------------------------------------------------------------------------------------------- the tool

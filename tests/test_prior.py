@@ -1,9 +1,7 @@
 """Priors over token grids: causality, KV cache, sampling filters, learning a known distribution, token datasets."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -328,10 +326,7 @@ def test_sample_tool_reports_the_untrained_null_class_in_one_line(tmp_path, caps
     tokenizer_dir = VQTokenizer.from_model(VQModel(preset("tiny"))).save_pretrained(tmp_path / "tokenizer")  # K=256
     prior_dir = save_prior(tiny_transformer(num_codes=256, num_classes=3), tmp_path / "prior",
                            {"tokenizer": str(tokenizer_dir)})
-    path = Path(__file__).resolve().parents[1] / "tools" / "sample.py"
-    spec = importlib.util.spec_from_file_location("tool_sample", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from vqgan.cli import sample as tool
     assert tool.main([str(prior_dir), "--out", str(tmp_path / "out"), "--num-samples", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: labels=None samples from the null class")

@@ -1,4 +1,4 @@
-"""Prior training end to end: tokenization (1 and 2 processes), training, exact resume, samples, tools."""
+"""Prior training end to end: tokenization (1 and 2 processes), training, exact resume, samples, the console commands."""
 
 from __future__ import annotations
 
@@ -109,11 +109,11 @@ def test_token_dataset_mismatch_is_a_clear_error(tmp_path, tokenizer_dir):
 def test_sample_tool_and_two_process_tokenization(tmp_path, tokenizer_dir):
     run(recipe(tmp_path, tokenizer_dir, steps=2))
     out = tmp_path / "samples"
-    result = subprocess.run([sys.executable, "tools/sample.py", str(tmp_path / "run" / "prior"), "--out", str(out),
+    result = subprocess.run([sys.executable, "-m", "vqgan.cli.sample", str(tmp_path / "run" / "prior"), "--out", str(out),
                              "--num-samples", "2", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert (out / "grid.png").is_file() and (out / "sample_0001.png").is_file()
-    bad = subprocess.run([sys.executable, "tools/sample.py", str(tmp_path / "run" / "prior"), "--top-p", "0"],
+    bad = subprocess.run([sys.executable, "-m", "vqgan.cli.sample", str(tmp_path / "run" / "prior"), "--top-p", "0"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "top_p must lie in (0, 1]" in bad.stderr
 
@@ -123,11 +123,11 @@ def test_sample_tool_and_two_process_tokenization(tmp_path, tokenizer_dir):
     data_args = ["source=embedded", "image_size=32", "resize=64", "embedded_repeats=3", "max_images=5"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
-               "tools/tokenize_dataset.py", str(tokenizer_dir), str(two), "--batch-size", "4", "--data", *data_args]
+               "-m", "vqgan.cli.tokenize", str(tokenizer_dir), str(two), "--batch-size", "4", "--data", *data_args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one = tmp_path / "tokens1"
-    result = subprocess.run([sys.executable, "tools/tokenize_dataset.py", str(tokenizer_dir), str(one), "--data", *data_args],
+    result = subprocess.run([sys.executable, "-m", "vqgan.cli.tokenize", str(tokenizer_dir), str(one), "--data", *data_args],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     tokens_two, _ = token_dataset_tensors(load_token_dataset(two)[0])

@@ -16,6 +16,7 @@ are floats in [-1, 1]. Size presets live in `vqgan/presets.py` and are re-export
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -312,15 +313,30 @@ class VQModel(nn.Module):
         quant = self.quantizer(self.encode_latent(images))
         return self.decode_latent(quant.quantized), quant
 
-    def encode(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f); changes no state, in train mode too."""
+    # NOTE: the model works on images in [-1, 1] ("model range"); VQTokenizer.encode/decode work on [0, 1].
+    # The model-level names say their range so that a VQModel holder cannot feed [0, 1] images by habit.
+    def encode_model_range(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f); changes no state, in train mode too.
+
+        For images in [0, 1] use `VQTokenizer.encode` (or `vqgan.utils.images_to_model_range` first).
+        """
         return self.quantizer.lookup(self.encode_latent(images))
 
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        """Code indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1]."""
+    def decode_model_range(self, indices: Tensor) -> Tensor:
+        """Code indices (B, h, w) -> images (B, 3, h*f, w*f) in [-1, 1] (`VQTokenizer.decode` gives [0, 1])."""
         self._check_indices(indices)
         codes = self.quantizer.indices_to_codes(indices)  # (B, D, h, w)
         return self.to_images(self.decode_latent(codes))
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Deprecated alias of `encode_model_range` (images in [-1, 1], unlike `VQTokenizer.encode`)."""
+        _warn_renamed("encode", "encode_model_range")
+        return self.encode_model_range(images)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Deprecated alias of `decode_model_range` (images in [-1, 1], unlike `VQTokenizer.decode`)."""
+        _warn_renamed("decode_indices", "decode_model_range")
+        return self.decode_model_range(indices)
 
     def to_images(self, decoded: Tensor) -> Tensor:
         """Decoder output -> images in [-1, 1]: clamp pixels; categorical bin b -> b / 255 * 2 - 1."""
@@ -373,6 +389,11 @@ class VQModel(nn.Module):
             raise ValueError(f"expected indices of shape (B, h, w), got {shape}")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise ValueError(f"expected integer indices, got dtype {indices.dtype}")
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(f"VQModel.{old} is renamed VQModel.{new}: it takes and gives images in [-1, 1]; "
+                  f"VQTokenizer.encode/decode take and give [0, 1]", DeprecationWarning, stacklevel=3)
 
 
 def _tracing() -> bool:

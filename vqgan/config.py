@@ -182,10 +182,22 @@ def read_recipe(path: str | Path | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
-    loaded = _yaml_load(path.read_text())
+    try:
+        loaded = _yaml_load(path.read_text())
+    except yaml.YAMLError as err:  # a parser traceback names PyYAML's internals; the user needs file:line
+        raise ConfigError(yaml_error_text(path, err)) from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping, got {type(loaded).__name__}")
     return loaded or {}
+
+
+def yaml_error_text(path: Path, err: yaml.YAMLError) -> str:
+    """'FILE:LINE:COLUMN: problem' of a PyYAML error (lines and columns counted from 1, as editors do)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = " ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or str(err)
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem} (fix the recipe at that line)"
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

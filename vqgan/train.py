@@ -23,7 +23,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from vqgan.autoencoder import VQModel, VQModelConfig, preset
-from vqgan.config import ConfigError, apply_overrides, from_dict, read_recipe, to_dict
+from vqgan.config import apply_overrides, from_dict, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.export import VQTokenizer, export_checkpoint
@@ -345,7 +345,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    from vqgan.cli.train import main as command  # one-line user errors, --debug for the traceback
+
+    raise SystemExit(command())

@@ -63,7 +63,7 @@ from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 @dataclass(frozen=True)
 class TokensConfig:
-    path: str = ""  # token dataset folder (tools/tokenize_dataset.py writes one)
+    path: str = ""  # token dataset folder (vqgan-tokenize writes one)
     tokenizer: str = ""  # tokenizer folder: tokenizes `data` when `path` is missing, and decodes the samples
     data: DataConfig = field(default_factory=DataConfig)  # images to tokenize when `path` does not exist yet
     split: str = "train"
@@ -116,7 +116,7 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
     if not Path(tokens_cfg.path).exists():
         if not tokens_cfg.tokenizer:
             raise FileNotFoundError(f"token dataset {tokens_cfg.path} does not exist; set tokens.tokenizer (and "
-                                    "tokens.data) to create it, or run tools/tokenize_dataset.py")
+                                    "tokens.data) to create it, or run vqgan-tokenize")
         model_cfg = prior_config(config)
         # before anything is written: a mismatch found after tokenizing would leave a useless dataset behind
         check_tokenizer_fits_prior(tokens_cfg.tokenizer, tokens_cfg.data, model_cfg.num_codes, model_cfg.grid,
@@ -278,7 +278,6 @@ def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | Non
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+    from vqgan.cli.train_prior import main as command  # one-line user errors, --debug for the traceback
+
+    raise SystemExit(command())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
+from vqgan.grids import render_image_grid, save_image_grid
 from vqgan.metrics.image_metrics import psnr
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_bytes, images_from_model_range
@@ -22,15 +24,19 @@ def save_png_atomic(images01: torch.Tensor, path: Path, nrow: int) -> None:
 
 def log_image_grid(accelerator: Accelerator, inputs: torch.Tensor, reconstructions: torch.Tensor, folder: Path,
                    step: int, max_images: int = 8) -> Path:
-    """A PNG with inputs on the top row and reconstructions below, in the run folder and the tracker."""
+    """A readable PNG: inputs on the top row, reconstructions below captioned with step and PSNR; also logged."""
+
     n = min(max_images, inputs.shape[0])
-    pairs = torch.cat([inputs[:n], reconstructions[:n]]).detach().float().cpu()  # (2n, 3, H, W)
-    images01 = images_from_model_range(pairs)
-    path = Path(folder) / f"reconstructions_{step:07d}.png"
-    save_png_atomic(images01, path, nrow=n)
+    originals = images_from_model_range(inputs[:n].detach().float().cpu()).clamp(0, 1)
+    recon = images_from_model_range(reconstructions[:n].detach().float().cpu()).clamp(0, 1)
+    scores = psnr(recon, originals, data_range=1.0).tolist()
+    captions = ["input"] * n + [f"step {step}\nPSNR {p:.1f} dB" for p in scores]
+    images01 = torch.cat([originals, recon])  # (2n, 3, H, W)
+    path = save_image_grid(images01, Path(folder) / f"reconstructions_{step:07d}.png", nrow=n, captions=captions)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({"reconstructions": make_grid(images01, nrow=n).unsqueeze(0).numpy()}, step=step)
+            grid = np.asarray(render_image_grid(images01, nrow=n, captions=captions))  # (H, W, 3) uint8
+            tracker.log_images({"reconstructions": grid[None]}, step=step, dataformats="NHWC")
     return path
 
 

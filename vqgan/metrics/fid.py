@@ -84,8 +84,8 @@ class FeatureStatistics:
             raise ValueError(f"need at least {minimum} feature vectors for these statistics, have {n}")
         return n
 
-    def to_stats(self, extractor: ExtractorIdentity) -> FIDStats:
-        return FIDStats(self.mean(), self.covariance(), int(self.count.item()), extractor)
+    def to_stats(self, extractor: ExtractorIdentity, source: str = "") -> FIDStats:
+        return FIDStats(self.mean(), self.covariance(), int(self.count.item()), extractor, source)
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no scalar ==
@@ -96,6 +96,7 @@ class FIDStats:
     sigma: np.ndarray
     count: int
     extractor: ExtractorIdentity
+    source: str = ""  # what the images were (source, split, protocol), so a reference cannot be mixed up
 
 
 def save_stats(path: str | Path, stats: FIDStats) -> Path:
@@ -112,6 +113,7 @@ def save_stats(path: str | Path, stats: FIDStats) -> Path:
         extractor_name=np.str_(stats.extractor.name),
         feature_layer=np.str_(stats.extractor.layer),
         weights_sha256=np.str_(stats.extractor.weights_sha256),
+        source=np.str_(stats.source),
     )
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -125,11 +127,13 @@ def load_stats(path: str | Path, expected: ExtractorIdentity | None = None) -> F
         missing = [key for key in required if key not in data.files]
         if missing:
             raise ValueError(
-                f"{path} lacks {missing} (has {data.files}); only statistics written by tools/fid.py --save-stats "
+                f"{path} lacks {missing} (has {data.files}); only statistics written by vqgan-fid --save-stats "
                 "record the feature extractor, and FID across extractors is meaningless"
             )
         identity = ExtractorIdentity(str(data["extractor_name"]), str(data["feature_layer"]), str(data["weights_sha256"]))
-        stats = FIDStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), int(data["count"]), identity)
+        source = str(data["source"]) if "source" in data.files else ""  # files before the field: unknown
+        stats = FIDStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), int(data["count"]), identity,
+                         source)
     if expected is not None and identity != expected:
         raise ValueError(
             f"{path} holds statistics from another feature extractor:\n  file:    {identity.describe()}\n"

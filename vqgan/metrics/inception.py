@@ -29,6 +29,7 @@ WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015
 WEIGHTS_SHA256_PREFIX = WEIGHTS_FILENAME.rsplit("-", 1)[-1].split(".")[0]
 FEATURE_LAYERS = ("64", "192", "768", "2048")  # "2048" = pool3, the layer of FID
 FEATURE_DIMS = {layer: int(layer) for layer in FEATURE_LAYERS}
+LOGITS_LAYER = "logits_unbiased"  # the 1008 class logits the Inception Score reads (torch-fidelity's ISC layer)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def extractor_identity(weights_path: str | Path, layer: str = "2048") -> Extract
 class InceptionFeatures(nn.Module):
     """uint8 images (B, 3, H, W) in [0, 255] -> (B, D) float32 InceptionV3 features (D = 2048 for pool3)."""
 
-    def __init__(self, weights_path: str | Path, layer: str = "2048", internal_dtype: str = "float32"):
+    def __init__(self, weights_path: str | Path, layer: str = "2048", internal_dtype: str = "float32",
+                 extra_layers: tuple[str, ...] = ()):
         super().__init__()
         path = Path(weights_path)
         self.identity = extractor_identity(path, layer)
@@ -132,9 +134,12 @@ class InceptionFeatures(nn.Module):
             )
         # NOTE: the port reloads the file with weights_only=False; having loaded it with weights_only=True
         # above, we know it holds only tensors, so that second unpickling runs no code.
+        unknown = [name for name in extra_layers if name not in (*FEATURE_LAYERS, LOGITS_LAYER)]
+        if unknown:
+            raise ValueError(f"unknown extra feature layers {unknown}; valid: {(*FEATURE_LAYERS, LOGITS_LAYER)}")
         self.net = FeatureExtractorInceptionV3(
             EXTRACTOR_NAME,
-            [layer],
+            [layer, *extra_layers],
             feature_extractor_weights_path=str(path),
             feature_extractor_internal_dtype=internal_dtype,
         )
@@ -142,12 +147,15 @@ class InceptionFeatures(nn.Module):
         self.dim = FEATURE_DIMS[layer]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_layers(images)[0]  # (B, D)
+
+    def forward_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(features of `layer` (B, D), then one (B, D_i) per extra layer), from one forward pass."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"expected uint8 images (B, 3, H, W) in [0, 255], got {images.dtype} {tuple(images.shape)}"
             )
-        (features,) = self.net(images)  # (B, D); the port resizes to 299x299 itself
-        return features
+        return tuple(self.net(images))  # the port resizes to 299x299 itself
 
 
 def load_inception(

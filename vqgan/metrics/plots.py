@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from einops import rearrange  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from vqgan.grids import save_image_grid  # noqa: E402,F401  (re-export: grids moved to vqgan/grids.py)
 
 MAX_TSNE_CODES = 4096  # t-SNE is O(K log K) per iteration at best; beyond this it takes minutes on a CPU
 
@@ -92,41 +92,3 @@ def plot_code_usage(counts, path: str | Path) -> Path:
     ax.legend(loc="best")
     ax.set_title(f"{int(used.sum())}/{counts.shape[0]} codes used, perplexity {perplexity:.1f}")
     return _save(fig, path)
-
-
-def save_image_grid(images, path: str | Path, nrow: int = 8, captions: list[str] | None = None,
-                    min_cell: int = 96, pad: int = 2) -> Path:
-    """Images (N, 3, H, W) in [0, 1] as a grid PNG, nrow per row, each with an optional caption below it.
-
-    Small images are enlarged by an integer factor (nearest neighbour, pixels stay visible) to at least
-    `min_cell` pixels so that captions are readable.
-    """
-    images = _as_numpy(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images (N, 3, H, W), got {images.shape}")
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError(f"images must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
-    if captions is not None and len(captions) != images.shape[0]:
-        raise ValueError(f"got {len(captions)} captions for {images.shape[0]} images")
-    if nrow < 1:
-        raise ValueError(f"nrow must be positive, got {nrow}")
-    n, _, h, w = images.shape
-    scale = max(1, -(-min_cell // min(h, w)))  # ceil
-    font = ImageFont.load_default()
-    caption_h = 0 if captions is None else 14 * (1 + max(caption.count("\n") for caption in captions))
-    cell_w, cell_h = w * scale + pad, h * scale + caption_h + pad
-    cols, rows = min(nrow, n), -(-n // nrow)
-    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    pixels = (np.clip(rearrange(images, "n c h w -> n h w c"), 0, 1) * 255 + 0.5).astype(np.uint8)
-    for i in range(n):
-        tile = Image.fromarray(pixels[i] if pixels.shape[-1] == 3 else pixels[i, ..., 0])
-        tile = tile.resize((w * scale, h * scale), Image.NEAREST).convert("RGB")
-        x, y = pad + (i % nrow) * cell_w, pad + (i // nrow) * cell_h
-        canvas.paste(tile, (x, y))
-        if captions is not None:
-            draw.multiline_text((x + 1, y + h * scale + 1), captions[i], fill="black", font=font, spacing=2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path

@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.sampling import SamplingConfig, generator_from_config, sample_prior
+from vqgan.grids import save_image_grid
 from vqgan.train_utils import save_png_atomic
 
 
@@ -26,7 +27,9 @@ def generate_images(prior: nn.Module, tokenizer: VQTokenizer, config: SamplingCo
     """-> (token grids (N, h, w), images (N, 3, H, W) in [0, 1])."""
     check_prior_matches_tokenizer(prior, tokenizer)
     device = next(prior.parameters()).device
-    tokens = sample_prior(prior, config, labels=labels, generator=generator_from_config(config, device))
+    # A CPU generator: the samplers draw their few uniforms per step on it and move them, so a seed gives
+    # the same random stream on CPU and GPU (gFID then differs across devices by float rounding only).
+    tokens = sample_prior(prior, config, labels=labels, generator=generator_from_config(config, "cpu"))
     images = torch.cat([tokenizer.decode(chunk.to(tokenizer.device)).cpu()
                         for chunk in tokens.split(config.batch_size)])
     return tokens, images
@@ -37,8 +40,8 @@ def save_samples(images: torch.Tensor, tokens: torch.Tensor, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    grid = out_dir / "grid.png"
-    save_png_atomic(images, grid, nrow=nrow)
+    captions = [f"sample {i}" for i in range(len(images))]
+    grid = save_image_grid(images.clamp(0, 1), out_dir / "grid.png", nrow=nrow, captions=captions)  # readable size
     for i, image in enumerate(images):
         save_png_atomic(image.unsqueeze(0), out_dir / f"sample_{i:04d}.png", nrow=1)
     (out_dir / "tokens.json").write_text(json.dumps(tokens.tolist()))

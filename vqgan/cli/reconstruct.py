@@ -1,10 +1,10 @@
 """Reconstruct images through an exported tokenizer: original | reconstruction side by side, with PSNR.
 
-    python tools/reconstruct.py TOKENIZER a.png b.jpg --out recon/              # center-crop to a multiple of f
-    python tools/reconstruct.py TOKENIZER *.png --out recon/ --size 256         # resize+crop to 256x256
-    python tools/reconstruct.py TOKENIZER *.png --out recon/ --check-bf16       # fp32 vs bf16 autocast
+    vqgan-reconstruct TOKENIZER a.png b.jpg --out recon/              # center-crop to a multiple of f
+    vqgan-reconstruct TOKENIZER *.png --out recon/ --size 256         # resize+crop to 256x256
+    vqgan-reconstruct TOKENIZER *.png --out recon/ --check-bf16       # fp32 vs bf16 autocast
 
-TOKENIZER is a folder written by tools/export_tokenizer.py (or a Hub repo id). Writes one PNG per
+TOKENIZER is a folder written by vqgan-export (or a Hub repo id). Writes one PNG per
 input plus metrics.json and metrics.md into --out.
 """
 
@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from vqgan.export import ExportError, VQTokenizer  # noqa: E402
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.tokenizer import VQTokenizer
 
 GAP = 4  # white pixels between original and reconstruction
 
@@ -82,24 +81,21 @@ def _json_number(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None  # strict JSON has no Infinity
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tokenizer", help="tokenizer folder (tools/export_tokenizer.py) or Hub repo id")
+def run(argv: list[str] | None = None) -> int:
+    parser = CommandParser(prog="vqgan-reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tokenizer", help="tokenizer folder (vqgan-export) or Hub repo id")
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs and metrics.json/.md")
     parser.add_argument("--size", type=int, default=None, help="resize shorter side and center-crop to SIZE")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--check-bf16", action="store_true",
                         help="also run under bf16 autocast; report the fraction of differing ids and max image diff")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
-    try:
-        tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=args.device)
-        f = tokenizer.downsample_factor
-        originals = [load_image(path, f, args.size) for path in args.images]  # all read before any work
-    except (ExportError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=args.device)
+    f = tokenizer.downsample_factor
+    originals = [load_image(path, f, args.size) for path in args.images]  # all read before any work
     print(f"tokenizer {args.tokenizer}: K={tokenizer.num_codes}, f={f}, device={tokenizer.device}")
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +161,10 @@ def _markdown(summary: dict) -> str:
         lines.append(line)
     lines += ["", f"Mean PSNR: {summary['mean_psnr']:.2f} dB"]
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

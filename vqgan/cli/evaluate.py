@@ -1,12 +1,14 @@
 """Reconstruction metrics of a tokenizer on a dataset split: PSNR, SSIM, LPIPS, rFID, codebook usage.
 
-    python tools/evaluate_tokenizer.py runs/quickstart/tokenizer --out eval/ --data source=embedded image_size=32
-    python tools/evaluate_tokenizer.py TOKENIZER --data source=cifar10 image_column=img eval_split=test \
+    vqgan-evaluate runs/quickstart/tokenizer --out eval/ --data source=embedded image_size=32
+    vqgan-evaluate TOKENIZER --data source=cifar10 image_column=img eval_split=test \
         image_size=32 --split eval --inception-weights weights-inception-2015-12-05-6726825d.pth
 
 LPIPS is reported when the VGG16 weights are present and rFID when the InceptionV3 weights are (both
-otherwise say why they are missing). Writes metrics.json, metrics.md, code_counts.json, code_usage.png,
-codebook_tsne.png and reconstructions.png into --out; the last printed line is the JSON summary.
+otherwise say why they are missing). Writes summary.html (one page: figures, reconstructions, usage,
+codebook t-SNE), metrics.json, metrics.md, code_counts.json, code_usage.png, codebook_tsne.png and
+reconstructions.png into --out; the last printed line is the JSON summary. `vqgan-export --push-to-hub
+REPO --evaluation OUT/metrics.json --grid OUT/reconstructions.png` puts the figures into the model card.
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from vqgan.config import ConfigError, apply_overrides, from_dict  # noqa: E402
-from vqgan.data import DataConfig, build_dataloader  # noqa: E402
-from vqgan.export import VQTokenizer  # noqa: E402
-from vqgan.metrics.fid import FeatureStatistics, fid_from_stats  # noqa: E402
-from vqgan.metrics.image_metrics import psnr, ssim  # noqa: E402
-from vqgan.metrics.inception import load_inception  # noqa: E402
-from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne, save_image_grid  # noqa: E402
-from vqgan.perceptual import LPIPS, MissingWeightsError  # noqa: E402
-from vqgan.quantize_utils import perplexity  # noqa: E402
-from vqgan.utils import atomic_write_text, images_from_model_range  # noqa: E402
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.config import apply_overrides, from_dict
+from vqgan.data import DataConfig, build_dataloader
+from vqgan.grids import save_image_grid
+from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
+from vqgan.metrics.image_metrics import psnr, ssim
+from vqgan.metrics.inception import load_inception
+from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne
+from vqgan.metrics.summary_page import write_summary_page
+from vqgan.perceptual import LPIPS, MissingWeightsError
+from vqgan.quantize_utils import perplexity
+from vqgan.tokenizer import VQTokenizer
+from vqgan.utils import atomic_write_text, images_from_model_range
 
 
 def to_uint8(images01: torch.Tensor) -> torch.Tensor:
@@ -115,8 +118,8 @@ def markdown_table(metrics: dict, notes: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> int:
+    parser = CommandParser(prog="vqgan-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig fields")
     parser.add_argument("--split", default="eval", choices=("train", "eval"))
@@ -129,16 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-download", action="store_true", help="never try to download missing weights")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    try:
-        # whole images: centre crops, no flips
-        data = from_dict(DataConfig, apply_overrides({"random_crop": False, "hflip": False}, args.data))
-        tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=device)
-        loader = build_dataloader(data, args.split, batch_size=args.batch_size, shuffle=False)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # whole images: centre crops, no flips
+    data = from_dict(DataConfig, apply_overrides({"random_crop": False, "hflip": False}, args.data))
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=device)
+    loader = build_dataloader(data, args.split, batch_size=args.batch_size, shuffle=False)
     lpips, lpips_note = optional_lpips(args.lpips_weights, not args.no_download)
     inception, fid_note = optional_inception(args.inception_weights, args.feature_layer, device, not args.no_download)
     notes = [n for n in (lpips_note, fid_note) if n]
@@ -154,16 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "metrics.md", markdown_table(metrics, notes))
     atomic_write_text(out / "code_counts.json", json.dumps(counts.tolist()))
     n = len(pairs) // 2
+    originals, recon = pairs[:n], pairs[n:]
+    scores = psnr(recon, originals, data_range=1.0).tolist()
     save_image_grid(pairs, out / "reconstructions.png", nrow=n,
-                    captions=["original"] * n + ["reconstruction"] * n)
+                    captions=["original"] * n + [f"PSNR {p:.1f} dB" for p in scores])
     if not args.no_plots:
         plot_code_usage(counts.numpy(), out / "code_usage.png")
         plot_codebook_tsne(tokenizer.codebook.cpu().numpy(), counts.numpy(), out / "codebook_tsne.png")
+    figures = [(out / "reconstructions.png", "originals (top) and reconstructions (bottom)"),
+               (out / "code_usage.png", "code usage, most to least used"),
+               (out / "codebook_tsne.png", "t-SNE of the codebook, coloured by usage")]
+    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, notes, figures)
     print(markdown_table(metrics, notes))
-    print(f"wrote {out}/metrics.json, metrics.md, code_counts.json, reconstructions.png"
+    print(f"wrote {out}/summary.html, metrics.json, metrics.md, code_counts.json, reconstructions.png"
           + ("" if args.no_plots else ", code_usage.png, codebook_tsne.png"))
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Encode an image dataset into a token dataset for prior training (runs under `accelerate launch`).
 
-    accelerate launch tools/tokenize_dataset.py runs/quickstart/tokenizer runs/quickstart/tokens
-    accelerate launch --multi_gpu --num_processes 8 tools/tokenize_dataset.py TOKENIZER OUT \
+    vqgan-tokenize runs/quickstart/tokenizer runs/quickstart/tokens
+    accelerate launch --multi_gpu --num_processes 8 -m vqgan.cli.tokenize TOKENIZER OUT \
         --data source=cifar10 image_column=img label_column=label image_size=32 --split train --hflip-rows
 
 The output is a `datasets` dataset on disk (columns "tokens" (h x w ids) and "label" when the source
@@ -15,17 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from accelerate import Accelerator
 
-from accelerate import Accelerator  # noqa: E402
+from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.config import apply_overrides, from_dict
+from vqgan.data import DataConfig
+from vqgan.prior.tokenize import tokenize_dataset
 
-from vqgan.config import ConfigError, apply_overrides, from_dict  # noqa: E402
-from vqgan.data import DataConfig  # noqa: E402
-from vqgan.prior.tokenize import tokenize_dataset  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str] | None = None) -> int:
+    parser = CommandParser(prog="vqgan-tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
     parser.add_argument("out", type=Path, help="token dataset folder to write (replaced atomically)")
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE",
@@ -34,13 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hflip-rows", action="store_true", help="also store the flipped images' tokens as rows")
     parser.add_argument("--seed", type=int, default=0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        # tokens of whole images: centre crops and no flips unless the caller asks otherwise
-        defaults = {"random_crop": False, "hflip": False}
-        data = from_dict(DataConfig, apply_overrides(defaults, args.data))
-    except ConfigError as err:
-        parser.error(str(err))
+    # tokens of whole images: centre crops and no flips unless the caller asks otherwise
+    defaults = {"random_crop": False, "hflip": False}
+    data = from_dict(DataConfig, apply_overrides(defaults, args.data))
     accelerator = Accelerator()
     metadata = tokenize_dataset(accelerator, args.tokenizer, data, args.out, args.split, args.batch_size,
                                 args.hflip_rows, args.seed)
@@ -49,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.out}; {metadata['skipped_files']} unreadable files skipped")
         print(json.dumps(metadata))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":
