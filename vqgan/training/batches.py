@@ -14,13 +14,18 @@ def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> It
 
     Position p is epoch p // len(loader), offset p % len(loader). The sampler's order depends on
     (seed, epoch) only (`set_epoch`), so skipping `offset` batches of epoch e lands on the very batch
-    an uninterrupted run drew there.
+    an uninterrupted run drew there. A stream (vqgan.data.shards.StreamLoader) starts at that batch
+    itself: `loader.iterate(epoch, offset)`, without drawing the batches before it.
     """
     if len(loader) == 0:
         raise ValueError("the training data yields no batch: fewer images than train.batch_size x processes?")
     while True:
         epoch, offset = divmod(state.batches_seen, len(loader))
-        loader.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
+        if hasattr(loader, "iterate"):
+            batches = loader.iterate(epoch, offset)
+        else:
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+        for batch in batches:
             state.batches_seen += 1
             yield batch

@@ -13,6 +13,7 @@ workers, and a resumed run that calls `set_epoch` and skips the consumed batches
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
+from vqgan.data import shards
 from vqgan.utils import images_to_model_range
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,11 @@ class DataConfig:
     embedded_repeats: int = 32
     # Where `datasets` caches hub downloads and imagefolder indexes; None = its default (~/.cache).
     cache_dir: str | None = None
+    # "wds:PATTERN" sources: samples held in each DataLoader worker's shuffle buffer (raw bytes; 1 = no buffer).
+    shuffle_buffer: int = 1000
+    # "wds:PATTERN" sources: the index.json with each shard's sample count; None = the one beside the shards
+    # (local shards without one are counted from their tar headers at start).
+    shard_index: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -93,6 +100,8 @@ class DataConfig:
             raise ValueError(f"embedded_repeats must be at least 1, got {self.embedded_repeats}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be at least 1 (1 = no buffer), got {self.shuffle_buffer}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -399,11 +408,19 @@ def _check_crop_fits(table: datasets.Dataset, column: str, size: int, descriptio
 
 
 def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset:
-    """The "train" (random crops, flips) or "eval" (centre crops) dataset of `config`; checks it at start."""
+    """The "train" (random crops, flips) or "eval" (centre crops) dataset of `config`; checks it at start.
+
+    A "wds:" source gives its eval split here (held-out samples or an eval pattern, read into memory);
+    its training split is a stream (`build_dataloader`).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     embedded = config.source == "embedded"
-    if embedded:
+    if shards.is_shard_source(config.source):
+        if split == "train":
+            raise ValueError(f"{config.source} is a stream of shards: build its training data with build_dataloader")
+        table, description = _shard_eval_table(config)
+    elif embedded:
         table, description = embedded_dataset(split), f"embedded [{split}]"
     else:
         source_split = config.split if split == "train" or config.eval_split is None else config.eval_split
@@ -414,7 +431,11 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
         table, description = _load_source(config, source_split)
     if len(table) == 0:
         raise ValueError(f"{description} has no images")
-    table = _check_columns(_subset(table, split, config, description), config, description)
+    if shards.is_shard_source(config.source):  # already the eval rows, as {"image", "label"?} columns
+        config = dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
+    else:
+        table = _subset(table, split, config, description)
+    table = _check_columns(table, config, description)
     train = split == "train"
     # Eval of the embedded photos sees each whole photograph scaled to S, not a small crop of a large one.
     resize = config.resize if train or not embedded else (config.resize or config.image_size)
@@ -448,9 +469,11 @@ def build_dataloader(
     sum it over the run to report). shuffle and drop_last default to True for "train", False for "eval".
     Call `loader.batch_sampler.sampler.set_epoch(epoch)` (or accelerate's `loader.set_epoch`) when resuming.
     """
-    dataset = build_dataset(config, split, seed=seed)
     train = split == "train"
     shuffle = train if shuffle is None else shuffle
+    if train and shards.is_shard_source(config.source):
+        return build_shard_loader(config, batch_size, shuffle, seed)
+    dataset = build_dataset(config, split, seed=seed)
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"{dataset.description} has {len(dataset)} samples, fewer than batch_size={batch_size}")
@@ -464,3 +487,128 @@ def build_dataloader(
         # Only seeds the workers' global RNGs, which nothing here draws from; crops come from the item keys.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+
+
+def _shard_layout(config: DataConfig) -> tuple[list[str], list[shards.Span], list[shards.Span]]:
+    """(shard names, held-out eval spans, training spans) of a "wds:" source; max_images caps the training ones."""
+    names = shards.expand_pattern(config.source)
+    counts = shards.shard_counts(names, config.shard_index)
+    if config.eval_split is None and config.num_eval_images is not None:
+        held_out, train = shards.held_out_spans(counts, config.num_eval_images)
+    else:
+        held_out, train = [], [shards.Span(i, 0, c) for i, c in enumerate(counts)]
+    if config.max_images is not None:
+        train = shards.take(train, 0, config.max_images)
+    return names, held_out, train
+
+
+def _shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
+    """The eval rows of a "wds:" source in memory: num_eval_images held out of it, or of the eval_split pattern."""
+    if config.eval_split is not None:
+        if not shards.is_shard_source(config.eval_split):
+            raise ValueError(f"eval_split of a shard source must be a 'wds:PATTERN' of eval shards, got "
+                             f"{config.eval_split!r} (or leave it None and set num_eval_images to hold rows out)")
+        names = shards.expand_pattern(config.eval_split)
+        counts = shards.shard_counts(names)
+        every = [shards.Span(i, 0, c) for i, c in enumerate(counts)]
+        spans = shards.take(every, 0, config.num_eval_images or sum(counts))
+        description = f"{config.eval_split} [eval]"
+    elif config.num_eval_images is not None:
+        names, spans, _ = _shard_layout(config)
+        description = f"{config.source} [first {config.num_eval_images} held out]"
+    else:
+        raise ValueError(f"no eval data for {config.source!r}: set eval_split (a 'wds:PATTERN' of eval shards) or "
+                         f"num_eval_images to hold out")
+    images, labels = [], []
+    for name, members in shards.read_spans(names, spans):
+        data = shards.image_member(members, config.image_column)
+        if data is None:
+            raise ValueError(f"eval sample {name} has no {config.image_column!r} member (it has {sorted(members)})")
+        images.append({"bytes": data, "path": name})
+        if config.label_column:
+            if config.label_column not in members:
+                raise ValueError(f"eval sample {name} has no label member {config.label_column!r} ({sorted(members)})")
+            labels.append(shards.parse_label(members[config.label_column]))
+    columns: dict[str, Any] = {"image": images}
+    features = {"image": datasets.Image(decode=False)}
+    if config.label_column:
+        columns["label"], features["label"] = labels, datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), description
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """A shard sample's members -> {"image", "label"?, "key"} or a BadItem naming it (picklable for workers)."""
+
+    image_size: int
+    resize: int | None
+    random_crop: bool
+    hflip: bool
+    image_key: str
+    label_key: str | None
+
+    def __call__(self, members: dict[str, bytes], name: str, seed: int) -> dict[str, Any] | BadItem:
+        data = shards.image_member(members, self.image_key)
+        if data is None:
+            return _bad(name, f"no {self.image_key!r} member (the sample has {sorted(members)})")
+        try:
+            pixels = resized_pixels(decode_image({"bytes": data}), self.image_size, self.resize)
+            label = None
+            if self.label_key is not None:
+                if self.label_key not in members:
+                    return _bad(name, f"no label member {self.label_key!r} (the sample has {sorted(members)})")
+                label = shards.parse_label(members[self.label_key])
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...; a label may not be an int
+            return _bad(name, f"{type(err).__name__}: {err}")
+        item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed)),
+                "key": name}
+        if label is not None:
+            item["label"] = label
+        return item
+
+
+def _bad(name: str, error: str) -> BadItem:
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning("skipping unreadable sample %s: %s", name, error)
+    return BadItem(name, error)
+
+
+@dataclass(frozen=True)
+class CollateKeyed:
+    """CollateImages plus batch["keys"]: the names (shard:key) of the samples kept, in batch order."""
+
+    inner: CollateImages
+
+    def __call__(self, items: list[dict[str, Any] | BadItem]) -> dict[str, Any]:
+        batch = self.inner(items)
+        batch["keys"] = [item["key"] for item in items if not isinstance(item, BadItem)]
+        return batch
+
+
+def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed: int) -> shards.StreamLoader:
+    """This process's training stream of a "wds:" source (rank and world from Accelerate's state)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    names, _, train = _shard_layout(config)
+    make_item = ShardItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
+                          config.label_column)
+    stream = shards.ShardStream(
+        names, train, rank=state.process_index, world=state.num_processes, batch_size=batch_size,
+        workers=config.num_workers, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
+        make_item=make_item, collate=CollateKeyed(CollateImages(config.image_size, config.label_column is not None)),
+    )
+    layout = stream.layout
+    if layout.batches == 0:
+        raise ValueError(f"{config.source}: {layout.total} training samples make no batch of {batch_size} on each of "
+                         f"{layout.world} processes")
+    if layout.left_out and state.is_main_process:
+        logger.warning("%s: %d of %d samples per epoch are left out so that each of %d processes gets %d whole "
+                       "batches of %d (which ones changes with each epoch's shard order)", config.source,
+                       layout.left_out, layout.total, layout.world, layout.batches, batch_size)
+    return shards.StreamLoader(stream, config.num_workers, device=state.device,
+                               pin_memory=state.device.type == "cuda")
