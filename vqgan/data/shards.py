@@ -122,13 +122,18 @@ def count_samples(path: str) -> int:
     """Samples in a local shard from its tar headers alone (tarfile seeks over the data)."""
     keys, last = 0, None
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r:") as tar:
             for info in tar:
                 parsed = sample_key(info.name) if info.isreg() else None
                 if parsed is not None and parsed[0] != last:
                     keys, last = keys + 1, parsed[0]
+            end = tar.offset  # the end of the last member's data
     except (tarfile.TarError, OSError, EOFError) as err:
         raise RuntimeError(f"shard {path} is not a readable tar file: {type(err).__name__}: {err}") from err
+    # NOTE: tarfile takes a cut-off header for the end of the archive; a whole tar ends in two zero blocks.
+    if Path(path).stat().st_size - end < 2 * tarfile.BLOCKSIZE:
+        raise RuntimeError(f"shard {path} is truncated after its sample {keys - 1} ({last}): it lacks the tar's "
+                           f"end-of-archive blocks; rewrite it")
     return keys
 
 
