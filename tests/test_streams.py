@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -271,4 +272,101 @@ def test_tokenizer_on_shards_killed_at_random_moments_resumes_bit_identical(tmp_
     landed, compared, seconds = kill_and_resume(tmp_path, "tokenizer", recipe, 40, processes=1, kills=4,
                                                 targeted=("checkpoint-write:2",), seed=4, port=29561)
     print(f"tokenizer on shards, 1 process: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
+    assert landed >= 3 and compared > 100
+
+
+# ----------------------------------------------------------------------------- streamed hub datasets
+
+
+def parquet_dataset(root: Path, files: int, rows_per_file: int) -> Path:
+    """A local copy of a hub dataset (the cifar10 layout): parquet files of solid PNGs and labels."""
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
+    n = 0
+    for f in range(files):
+        rows = {"img": [], "label": []}
+        for _ in range(rows_per_file):
+            rows["img"].append({"bytes": png(colour_of(n)), "path": None})
+            rows["label"].append(n)
+            n += 1
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            root / "plain_text" / f"train-{f:05d}-of-{files:05d}.parquet")
+    return root
+
+
+def labels_of(batches) -> list[list[int]]:
+    return [batch["labels"].tolist() for batch in batches]
+
+
+def streamed_config(tmp_path: Path, root: Path, **kwargs) -> DataConfig:
+    return DataConfig(source=str(root), streaming=True, image_column="img", label_column="label", image_size=32,
+                      cache_dir=str(tmp_path / "hf_cache"), **{"shuffle_buffer": 5, **kwargs})
+
+
+def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path):
+    root = parquet_dataset(tmp_path / "ds", files=4, rows_per_file=5)  # 20 rows: 6 batches of 3, 2 left out
+    config = streamed_config(tmp_path, root, num_workers=2)
+    stream = build_dataloader(config, "train", batch_size=3, seed=3)
+    batches = iter(stream)
+    reference = [next(batches) for _ in range(14)]  # into the third epoch
+    assert stream.position == [2, 2] and stream.left_out == 4
+    first_epoch = sum(labels_of(reference[:6]), [])
+    assert len(set(first_epoch)) == 18 and set(first_epoch) <= set(range(20))
+    for a, b in zip(reference, reference[1:]):
+        assert labels_of([a]) != labels_of([b])
+    assert sorted(first_epoch) != sorted(sum(labels_of(reference[6:12]), [])) or \
+        labels_of(reference[:6]) != labels_of(reference[6:12])  # a new order each epoch
+    for position, at in (([0, 4], 4), ([1, 0], 6), ([1, 5], 11)):
+        resumed = build_dataloader(config, "train", batch_size=3, seed=3)
+        resumed.seek(*position)
+        tail = list(itertools.islice(iter(resumed), 14 - at))
+        assert labels_of(tail) == labels_of(reference[at:]), position
+        assert all(torch.equal(x["images"], y["images"]) for x, y in zip(tail, reference[at:]))
+
+
+def test_streamed_processes_read_disjoint_rows(tmp_path):
+    from vqgan.data.streaming import HubStream, RowItem, open_stream
+
+    root = parquet_dataset(tmp_path / "ds", files=4, rows_per_file=5)
+    config = streamed_config(tmp_path, root)
+    seen = []
+    for rank in range(2):
+        stream, description = open_stream(config, "train")
+        hub = HubStream(stream, description, rank=rank, world=2, batch_size=2, seed=0, shuffle=True, shuffle_buffer=4,
+                        skip_rows=0, max_rows=None, make_item=RowItem(32, None, True, True, "img", "label"),
+                        collate=lambda items: {"labels": torch.tensor([i["label"] for i in items])}, threads=1)
+        seen += sum(labels_of(itertools.islice(iter(hub), 5)), [])  # 10 rows each: one epoch
+    assert sorted(seen) == list(range(20))
+
+
+def test_streamed_eval_rows_are_held_out_and_bad_settings_refused(tmp_path):
+    root = parquet_dataset(tmp_path / "ds", files=2, rows_per_file=4)
+    config = streamed_config(tmp_path, root, num_eval_images=3, shuffle_buffer=1)
+    held_out = build_dataset(config, "eval")
+    assert [held_out[i]["label"] for i in range(3)] == [0, 1, 2]
+    train = sum(labels_of(itertools.islice(iter(build_dataloader(config, "train", batch_size=5, shuffle=False)), 1)), [])
+    assert train == [3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="streaming: true is for hub datasets"):
+        DataConfig(source="embedded", streaming=True)
+    with pytest.raises(ValueError, match="no column 'image'"):
+        build_dataloader(DataConfig(source=str(root), streaming=True, cache_dir=str(tmp_path / "c")), "train")
+
+
+@pytest.mark.slow
+def test_tokenizer_on_a_streamed_dataset_killed_at_random_moments_resumes_bit_identical(tmp_path):
+    from test_kill_resume import TOKENIZER_RECIPE, kill_and_resume
+
+    from vqgan.data import embedded_dataset
+
+    photos = embedded_dataset("train")  # a local copy of a "hub" dataset: 6 photos in 2 parquet files
+    for part in range(2):
+        photos.shard(2, part).to_parquet(tmp_path / "ds" / "plain_text" / f"train-{part:05d}-of-00002.parquet")
+    recipe = {**TOKENIZER_RECIPE,
+              "data": {"source": str(tmp_path / "ds"), "streaming": True, "image_size": 32, "resize": 64,
+                       "num_eval_images": 1, "num_workers": 2, "shuffle_buffer": 3, "cache_dir": str(tmp_path / "c")},
+              "train": {**TOKENIZER_RECIPE["train"], "steps": 40, "batch_size": 2, "checkpoint_every": 7}}
+    landed, compared, seconds = kill_and_resume(tmp_path, "tokenizer", recipe, 40, processes=1, kills=4,
+                                                targeted=("checkpoint-write:2",), seed=5, port=29563)
+    print(f"tokenizer streamed, 1 process: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
     assert landed >= 3 and compared > 100

@@ -78,7 +78,10 @@ class DataConfig:
     embedded_repeats: int = 32
     # Where `datasets` caches hub downloads and imagefolder indexes; None = its default (~/.cache).
     cache_dir: str | None = None
-    # "wds:PATTERN" sources: samples held in each DataLoader worker's shuffle buffer (raw bytes; 1 = no buffer).
+    # Hub datasets (or a local parquet / image folder): read as a stream (datasets' IterableDataset), never
+    # downloaded whole; eval rows are the first num_eval_images of eval_split (or held out of split).
+    streaming: bool = False
+    # Streams ("wds:" shards, streaming): samples held in the shuffle buffer (raw bytes; 1 = no buffer).
     shuffle_buffer: int = 1000
     # "wds:PATTERN" sources: the index.json with each shard's sample count; None = the one beside the shards
     # (local shards without one are counted from their tar headers at start).
@@ -100,6 +103,9 @@ class DataConfig:
             raise ValueError(f"embedded_repeats must be at least 1, got {self.embedded_repeats}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.streaming and (self.source == "embedded" or self.source.startswith("wds:")):
+            raise ValueError(f"streaming: true is for hub datasets (and local parquet / image folders); "
+                             f"{self.source!r} is {'a stream already' if self.source.startswith('wds:') else 'in memory'}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be at least 1 (1 = no buffer), got {self.shuffle_buffer}")
 
@@ -324,6 +330,18 @@ def embedded_dataset(split: str = "train") -> datasets.Dataset:
 
 def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Dataset, str]:
     """One split of a hub dataset, of a local copy of one (a folder of parquet files) or of an image folder."""
+    args, kwargs = _source_args(config)
+    try:
+        table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
+    except Exception as err:  # no network, unknown name or split: say which source and split failed
+        raise RuntimeError(
+            f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
+        ) from err
+    return table, f"{config.source} [{source_split}]"
+
+
+def _source_args(config: DataConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """`load_dataset` arguments for a hub name, a folder of parquet files or an image folder."""
     folder = Path(config.source).expanduser()
     args, kwargs = (config.source,), {}
     if folder.is_dir():
@@ -339,13 +357,7 @@ def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Datase
             )
     elif config.source.startswith(("/", "./", "../", "~")):
         raise ValueError(f"image folder {config.source!r} does not exist (a source that looks like a path must be one)")
-    try:
-        table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
-    except Exception as err:  # no network, unknown name or split: say which source and split failed
-        raise RuntimeError(
-            f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
-        ) from err
-    return table, f"{config.source} [{source_split}]"
+    return args, kwargs
 
 
 def _subset(table: datasets.Dataset, split: str, config: DataConfig, description: str) -> datasets.Dataset:
@@ -420,6 +432,12 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
         if split == "train":
             raise ValueError(f"{config.source} is a stream of shards: build its training data with build_dataloader")
         table, description = _shard_eval_table(config)
+    elif config.streaming:
+        if split == "train":
+            raise ValueError(f"{config.source} is streamed: build its training data with build_dataloader")
+        from vqgan.data.streaming import eval_rows
+
+        table, description = eval_rows(config)
     elif embedded:
         table, description = embedded_dataset(split), f"embedded [{split}]"
     else:
@@ -431,7 +449,7 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
         table, description = _load_source(config, source_split)
     if len(table) == 0:
         raise ValueError(f"{description} has no images")
-    if shards.is_shard_source(config.source):  # already the eval rows, as {"image", "label"?} columns
+    if shards.is_shard_source(config.source) or config.streaming:  # already the eval rows: {"image", "label"?}
         config = dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
     else:
         table = _subset(table, split, config, description)
@@ -473,6 +491,11 @@ def build_dataloader(
     shuffle = train if shuffle is None else shuffle
     if train and shards.is_shard_source(config.source):
         return build_shard_loader(config, batch_size, shuffle, seed)
+    if train and config.streaming:
+        from vqgan.data.streaming import build_hub_stream
+
+        collate = CollateKeyed(CollateImages(config.image_size, config.label_column is not None))
+        return build_hub_stream(config, batch_size, shuffle, seed, collate)
     dataset = build_dataset(config, split, seed=seed)
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
