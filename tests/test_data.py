@@ -269,3 +269,20 @@ def test_resume_mid_epoch_sees_the_same_batches():
     resumed.batch_sampler.sampler.set_epoch(1)
     tail = first_batches(skip_first_batches(resumed, 1), 2)
     assert all(torch.equal(x, y) for x, y in zip(epoch1[1:], tail))
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_close_to_the_full_decode():
+    from vqgan.data import resized_pixels
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    smooth = np.stack([xx * 255 // 800, yy * 255 // 600, (xx + yy) * 255 // 1400], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, format="JPEG", quality=95)
+    cell = {"bytes": buffer.getvalue(), "path": None}
+    drafted = decode_image(cell, min_short_side=128)
+    assert drafted.size == (200, 150)  # 1/4 scale: the smallest whose shorter side still reaches 128
+    assert decode_image(cell, min_short_side=400).size == (800, 600)  # no 1/2 decode reaches 400: full size
+    fast = resized_pixels(drafted, 64, 128).float()
+    full = resized_pixels(decode_image(cell), 64, 128).float()
+    assert fast.shape == full.shape == (3, 128, 170)
+    assert (fast - full).abs().mean() < 2.0  # within JPEG noise of resizing the full decode (8-bit levels)

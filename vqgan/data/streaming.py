@@ -85,13 +85,15 @@ class RowItem:
     hflip: bool
     image_column: str
     label_column: str | None
+    jpeg_draft: bool = True
 
     def __call__(self, row: dict[str, Any], name: str, seed: int) -> dict[str, Any] | BadItem:
         cell = row[self.image_column]
         if cell.get("bytes") is None and cell.get("path"):
             name = cell["path"]
         try:
-            pixels = resized_pixels(decode_image(cell), self.image_size, self.resize)
+            pixels = resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size,
+                                    self.resize)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
             return _bad(name, f"{type(err).__name__}: {err}")
         item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed)),
@@ -155,7 +157,7 @@ def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: i
     stream, description = open_stream(config, config.split)
     held_out = config.num_eval_images if config.eval_split is None and config.num_eval_images else 0
     make_item = RowItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
-                        config.label_column)
+                        config.label_column, config.jpeg_draft)
     return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
                      batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
                      skip_rows=held_out, max_rows=config.max_images, make_item=make_item, collate=collate,
