@@ -370,3 +370,20 @@ def test_tokenizer_on_a_streamed_dataset_killed_at_random_moments_resumes_bit_id
                                                 targeted=("checkpoint-write:2",), seed=5, port=29563)
     print(f"tokenizer streamed, 1 process: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
     assert landed >= 3 and compared > 100
+
+
+def test_the_quickstart_on_shards_builds_as_documented(tmp_path):
+    from vqgan.train import load_train_config
+
+    train, held_out = tmp_path / "shards" / "train", tmp_path / "shards" / "eval"
+    assert make_shards_main(["embedded", str(train), "--resize", "96", "--format", "jpg", "--repeats", "64",
+                             "--shard-size", "64", "--no-progress"]) == 0
+    assert make_shards_main(["embedded", str(held_out), "--split", "eval", "--resize", "96", "--format", "jpg",
+                             "--no-progress"]) == 0
+    config = load_train_config(str(ROOT / "recipes" / "quickstart.yaml"), [
+        f"data.source=wds:{train}/shard-{{000000..000005}}.tar", f"data.eval_split=wds:{held_out}/shard-000000.tar"])
+    loader = build_dataloader(config.data, "train", batch_size=config.train.batch_size, seed=config.seed)
+    assert len(loader) == 384 // 16  # 6 photos x 64 copies, every one used
+    batch = next(iter(loader))
+    assert batch["images"].shape == (16, 3, 32, 32) and len(set(k.rsplit(":", 1)[1] for k in batch["keys"])) == 16
+    assert len(build_dataset(config.data, "eval")) == 2

@@ -81,7 +81,7 @@ def test_bad_token_shards_are_clear_errors(tmp_path):
 
 
 def test_tokenizing_shards_gives_the_tokens_of_the_same_images(tmp_path, tokenizer_dir):
-    index = make_shards("embedded", tmp_path / "shards", shard_size=4, resize=64, format="png", progress=False)
+    index = make_shards("embedded", tmp_path / "shards", shard_size=4, progress=False)  # the PNG bytes as they are
     data = DataConfig(source="wds:" + index["pattern"], image_size=32, random_crop=False, hflip=False, resize=64,
                       num_workers=2)
     meta = tokenize_dataset(Accelerator(cpu=True), tokenizer_dir, data, tmp_path / "tokens", batch_size=4,
@@ -89,7 +89,7 @@ def test_tokenizing_shards_gives_the_tokens_of_the_same_images(tmp_path, tokeniz
     assert meta["num_rows"] == 12 and json.loads((tmp_path / "tokens" / METADATA_FILE).read_text())["format"]
     assert not list(tmp_path.glob(".tokens*")), "the partial folder was left behind"
     grids = TokenGrids(tmp_path / "tokens")
-    # the same photos, read as a folder of PNGs through the map-style path, give the same tokens
+    # the same photos read through the map-style path give the same tokens, flipped copies after each
     photos = DataConfig(source="embedded", image_size=32, random_crop=False, hflip=False, resize=64)
     table = build_dataset(photos, "train")
     tokenizer = VQTokenizer.from_pretrained(tokenizer_dir)

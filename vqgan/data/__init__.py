@@ -351,9 +351,9 @@ def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Datase
 
     args, kwargs = _source_args(config)
     try:
-        # The main process downloads / indexes into the cache first; the others then read that cache
+        # The main process of each node downloads / indexes into the cache first; the others then read it
         # instead of all walking the folder or hitting the hub at once.
-        with PartialState().main_process_first():
+        with PartialState().local_main_process_first():
             table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
     except Exception as err:  # no network, unknown name or split: say which source and split failed
         raise RuntimeError(

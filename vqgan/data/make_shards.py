@@ -1,7 +1,7 @@
 """Write an image source as WebDataset tar shards with an index: `vqgan-make-shards SOURCE OUT [options]`.
 
-    vqgan-make-shards embedded runs/shards/train                  # the embedded photos (a CPU test)
-    vqgan-make-shards embedded runs/shards/eval --split eval
+    vqgan-make-shards embedded runs/shards/train --resize 96 --format jpg --repeats 64 --shard-size 64
+    vqgan-make-shards embedded runs/shards/eval --split eval --resize 96 --format jpg   # the quickstart on shards
     vqgan-make-shards /data/imagenet/train /data/shards/imagenet-train --shard-size 2000 --resize 288 \\
         --format jpg --label-column label --workers 16
     vqgan-make-shards cifar10 /data/shards/cifar10 --image-column img --label-column label
@@ -47,6 +47,7 @@ class ShardOptions:
     quality: int
     image_column: str
     label_column: str | None
+    repeats: int = 1  # each source row written this many times (as rows r, r + n, r + 2n, ...)
     prefix: str = "shard"
 
     def shard_name(self, index: int) -> str:
@@ -110,13 +111,13 @@ def write_shard(index: int, options: ShardOptions) -> dict[str, Any]:
     """Write shard `index` (rows [index * size, ...)) atomically and verified; -> its index entry."""
 
     table = _TABLE
-    begin, end = index * options.shard_size, min((index + 1) * options.shard_size, len(table))
+    begin, end = index * options.shard_size, min((index + 1) * options.shard_size, len(table) * options.repeats)
     final = Path(options.out) / options.shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp")
     skipped, count = [], 0
     with tarfile.open(tmp, "w") as tar:
         for row in range(begin, end):
-            record = table[row]
+            record = table[row % len(table)]
             cell = record[options.image_column]
             name = cell.get("path") or f"row {row}"
             try:
@@ -157,7 +158,7 @@ def load_rows(source: str, split: str, image_column: str, label_column: str | No
 def make_shards(source: str, out: str | Path, *, split: str = "train", shard_size: int = 1000,
                 resize: int | None = None, format: str = "keep", quality: int = 95, image_column: str = "image",
                 label_column: str | None = None, workers: int = 1, cache_dir: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                repeats: int = 1, progress: bool = True) -> dict[str, Any]:
     """Write the shards and index.json of `source` [split] into `out`; -> the index."""
     from tqdm.auto import tqdm
 
@@ -165,6 +166,8 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
         raise ValueError(f"shard_size must be at least 1 sample, got {shard_size}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if resize is not None and resize < 1:
         raise ValueError(f"resize must be a positive number of pixels, got {resize}")
     out = Path(out)
@@ -174,8 +177,8 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
     table = load_rows(source, split, image_column, label_column, cache_dir)
     if len(table) == 0:
         raise ValueError(f"{source} [{split}] has no rows")
-    options = ShardOptions(str(out), shard_size, resize, format, quality, image_column, label_column)
-    num_shards = -(-len(table) // shard_size)
+    options = ShardOptions(str(out), shard_size, resize, format, quality, image_column, label_column, repeats)
+    num_shards = -(-len(table) * repeats // shard_size)
     entries: dict[int, dict[str, Any]] = {}
     bar = tqdm(total=num_shards, desc=f"shards of {source} [{split}]", unit="shard", disable=not progress)
     if workers <= 1:
@@ -195,6 +198,7 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
     if not written:
         raise ValueError(f"no image of {source} [{split}] could be read ({len(skipped)} unreadable)")
     index = {"shards": written, "total": sum(e["count"] for e in written), "source": source, "split": split,
+             "repeats": repeats,
              "label_key": "cls" if label_column else None, "resize": resize, "format": format,
              "skipped": skipped, "pattern": shard_pattern(out, options, written)}
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2))
@@ -225,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--label-column", default=None, help="integer labels to keep as each sample's .cls")
     parser.add_argument("--workers", type=int, default=1, help="shard writer processes")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="write each image this many times (a handful of photos: an epoch of useful length; "
+                             "each copy gets its own random crops)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         index = make_shards(args.source, args.out, split=args.split, shard_size=args.shard_size, resize=args.resize,
                             format=args.format, quality=args.quality, image_column=args.image_column,
                             label_column=args.label_column, workers=args.workers, cache_dir=args.cache_dir,
-                            progress=not args.no_progress)
+                            repeats=args.repeats, progress=not args.no_progress)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         parser.exit(2, f"vqgan-make-shards: error: {err}\n")
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
