@@ -278,6 +278,15 @@ def test_tokenizer_on_shards_killed_at_random_moments_resumes_bit_identical(tmp_
 # ----------------------------------------------------------------------------- streamed hub datasets
 
 
+@pytest.fixture
+def no_shutdown_sleep(monkeypatch):
+    """datasets sleeps 5 s each time a shuffled stream's shard threads end (an arrow shutdown workaround);
+    every epoch of these tiny streams would pay it."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
 def parquet_dataset(root: Path, files: int, rows_per_file: int) -> Path:
     """A local copy of a hub dataset (the cifar10 layout): parquet files of solid PNGs and labels."""
     import datasets
@@ -304,7 +313,7 @@ def streamed_config(tmp_path: Path, root: Path, **kwargs) -> DataConfig:
                       cache_dir=str(tmp_path / "hf_cache"), **{"shuffle_buffer": 5, **kwargs})
 
 
-def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path):
+def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path, no_shutdown_sleep):
     root = parquet_dataset(tmp_path / "ds", files=4, rows_per_file=5)  # 20 rows: 6 batches of 3, 2 left out
     config = streamed_config(tmp_path, root, num_workers=2)
     stream = build_dataloader(config, "train", batch_size=3, seed=3)
@@ -325,7 +334,7 @@ def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path):
         assert all(torch.equal(x["images"], y["images"]) for x, y in zip(tail, reference[at:]))
 
 
-def test_streamed_processes_read_disjoint_rows(tmp_path):
+def test_streamed_processes_read_disjoint_rows(tmp_path, no_shutdown_sleep):
     from vqgan.data.streaming import HubStream, RowItem, open_stream
 
     root = parquet_dataset(tmp_path / "ds", files=4, rows_per_file=5)

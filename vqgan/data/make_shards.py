@@ -115,14 +115,21 @@ def write_shard(index: int, options: ShardOptions) -> dict[str, Any]:
     final = Path(options.out) / options.shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp")
     skipped, count = [], 0
+    encoded: dict[int, tuple[bytes, str]] = {}  # with repeats: each source row encoded once a shard
     with tarfile.open(tmp, "w") as tar:
         for row in range(begin, end):
             record = table[row % len(table)]
             cell = record[options.image_column]
             name = cell.get("path") or f"row {row}"
             try:
-                data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-                stored, ext = encode_image(data, options)
+                source_row = row % len(table)
+                if source_row in encoded:
+                    stored, ext = encoded[source_row]
+                else:
+                    data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+                    stored, ext = encode_image(data, options)
+                    if options.repeats > 1:  # a few photos repeated (the embedded ones): hold them encoded
+                        encoded[source_row] = stored, ext
             except Exception as err:  # a corrupt source file: skipped, named in the index
                 skipped.append(f"{name}: {type(err).__name__}: {err}")
                 continue
