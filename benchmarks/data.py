@@ -93,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="48 640x480 JPEGs, 1 worker, 1 epoch (a smoke test)")
+    parser.add_argument("--quick", action="store_true", help="48 640x480 JPEGs to 128px, 1 worker, 1 epoch (a smoke test)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "data.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.width, args.height, args.workers, args.epochs, args.batch_size = 48, 640, 480, 1, 1, 16
+        args.image_size, args.resize = 64, 128  # 480 > 2 x 128: the draft path runs
         args.output = args.output.with_name("data_quick.md")
     folder = make_jpegs(CACHE / f"jpegs-{args.images}-{args.width}x{args.height}", args.images, args.width, args.height)
     shards_dir = CACHE / f"shards-{args.images}-{args.width}x{args.height}"

@@ -6,9 +6,9 @@ WebDataset shards, and writes memory-mapped token shards. On CUDA the encoder ru
 autocast. Prints a markdown table and writes it to benchmarks/results/tokenize.md (tokenize_gpu.md on
 a GPU).
 
-    .venv/bin/python benchmarks/tokenize.py                          # CPU, preset tiny, 128px, 1000 images
-    .venv/bin/python benchmarks/tokenize.py --device cuda --preset imagenet256_f16 --image-size 256 --images 3000
-    .venv/bin/python benchmarks/tokenize.py --quick                  # a smoke test
+    .venv/bin/python benchmarks/tokenization.py                          # CPU, preset tiny, 128px, 1000 images
+    .venv/bin/python benchmarks/tokenization.py --device cuda --preset imagenet256_f16 --image-size 256 --images 3000
+    .venv/bin/python benchmarks/tokenization.py --quick                  # a smoke test
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Tokenizer preset {args.preset} (random weights), {args.image_size}px centre crops of {args.images} "
              f"{args.width}x{args.height} JPEGs, batch {args.batch_size}, {args.workers} workers, "
              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; includes start-up and writing the shards. "
-             f"Command: `python benchmarks/tokenize.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
+             f"Command: `python benchmarks/tokenization.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
              "| source | images | seconds | images/s |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {n} | {s:.1f} | {n / s:.1f} |" for name, n, s in rows]
     table = "\n".join(lines) + "\n"
