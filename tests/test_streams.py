@@ -334,19 +334,28 @@ def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path, no_shutd
         assert all(torch.equal(x["images"], y["images"]) for x, y in zip(tail, reference[at:]))
 
 
-def test_streamed_processes_read_disjoint_rows(tmp_path, no_shutdown_sleep):
+@pytest.mark.parametrize("files", [3, 4])  # split by rows (3 files for 2) or by files (4)
+def test_streamed_processes_read_disjoint_rows_and_resume_on_their_own(tmp_path, no_shutdown_sleep, files):
     from vqgan.data.streaming import HubStream, RowItem, open_stream
 
-    root = parquet_dataset(tmp_path / "ds", files=4, rows_per_file=5)
+    root = parquet_dataset(tmp_path / "ds", files=files, rows_per_file=4)
     config = streamed_config(tmp_path, root)
-    seen = []
-    for rank in range(2):
+
+    def hub(rank: int) -> HubStream:
         stream, description = open_stream(config, "train")
-        hub = HubStream(stream, description, rank=rank, world=2, batch_size=2, seed=0, shuffle=True, shuffle_buffer=4,
-                        skip_rows=0, max_rows=None, make_item=RowItem(32, None, True, True, "img", "label"),
-                        collate=lambda items: {"labels": torch.tensor([i["label"] for i in items])}, threads=1)
-        seen += sum(labels_of(itertools.islice(iter(hub), 5)), [])  # 10 rows each: one epoch
-    assert sorted(seen) == list(range(20))
+        return HubStream(stream, description, rank=rank, world=2, batch_size=2, seed=0, shuffle=True, shuffle_buffer=4,
+                         skip_rows=0, max_rows=None, make_item=RowItem(32, None, True, True, "img", "label"),
+                         collate=lambda items: {"labels": torch.tensor([i["label"] for i in items])}, threads=1)
+
+    seen = []
+    per_epoch = files * 2 // 2  # 4 rows a file, 2 processes, batches of 2
+    for rank in range(2):
+        epoch = labels_of(itertools.islice(iter(hub(rank)), per_epoch))
+        seen += sum(epoch, [])
+        resumed = hub(rank)
+        resumed.seek(0, 1)  # the process's own second batch, not a skip over every process's rows
+        assert labels_of(itertools.islice(iter(resumed), per_epoch - 1)) == epoch[1:]
+    assert sorted(seen) == list(range(files * 4))
 
 
 def test_streamed_eval_rows_are_held_out_and_bad_settings_refused(tmp_path):

@@ -10,7 +10,7 @@ counted), and no process ever waits for a batch another does not have.
 Resume is exact without the buffer contents that `IterableDataset.state_dict()` cannot save: each
 process's position is (epoch, whole batches drawn in it), kept in the checkpoint's train state
 (`TrainState.stream_positions`, one per process). A resumed process rebuilds epoch e's order and
-`skip`s the rows already drawn, raw (images are decoded after the skip, in a thread pool here, so
+skips the rows already drawn, raw (images are decoded after the skip, in a thread pool here, so
 DataLoader workers, which `datasets` would hand shards of their own, never change the order).
 """
 
@@ -126,9 +126,10 @@ class HubStream:
         self.position = [int(epoch), int(batches)]
 
     def _rows(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
-        rows = self.stream.skip(skip) if skip else self.stream
-        rows.set_epoch(epoch)  # NOTE: after skip(), which returns a dataset back at epoch 0
-        return iter(rows)
+        self.stream.set_epoch(epoch)
+        # NOTE: not IterableDataset.skip(): it applies before the split by node (the split happens at
+        # iteration), so it would skip rows of every process. The rows skipped here are not decoded.
+        return itertools.islice(iter(self.stream), skip, None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         with ThreadPoolExecutor(self.threads) as pool:
