@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from vqgan.data import shards
-from vqgan.utils import images_to_model_range
+from vqgan.utils import atomic_write_text, images_to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -345,21 +346,58 @@ def embedded_dataset(split: str = "train") -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": cells, "name": names}, features=features)
 
 
+def process_state():
+    """Accelerate's process state (rank, world, device): the Accelerator's if one exists, else started here
+    the way an Accelerator would (ACCELERATE_USE_CPU read too, so a CPU launch is seen as multi-process)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Dataset, str]:
     """One split of a hub dataset, of a local copy of one (a folder of parquet files) or of an image folder."""
-    from accelerate import PartialState
-
+    state = process_state()
+    pointer = _index_pointer(config, source_split)
     args, kwargs = _source_args(config)
     try:
-        # The main process of each node downloads / indexes into the cache first; the others then read it
-        # instead of all walking the folder or hitting the hub at once.
-        with PartialState().local_main_process_first():
-            table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
+        # The main process of each node downloads / walks and indexes the source into the cache; the others
+        # wait, then open the cache's arrow files it names, instead of all walking the folder (minutes for
+        # ImageNet on NFS) or hitting the hub at once.
+        with state.local_main_process_first():
+            table = None if state.is_local_main_process else _open_indexed(pointer)
+            if table is None:
+                table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
+                if state.is_local_main_process and state.num_processes > 1:
+                    atomic_write_text(pointer, json.dumps([f["filename"] for f in table.cache_files]))
     except Exception as err:  # no network, unknown name or split: say which source and split failed
         raise RuntimeError(
             f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
         ) from err
     return table, f"{config.source} [{source_split}]"
+
+
+def _index_pointer(config: DataConfig, split: str) -> Path:
+    """Node-local file where the node's main process names the arrow files it loaded (source, split, cache)."""
+    import hashlib
+    import tempfile
+
+    key = json.dumps([str(Path(config.source).expanduser().absolute()) if Path(config.source).expanduser().exists()
+                      else config.source, split, config.cache_dir])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"vqgan-index-{os.getuid()}-{digest}.json"
+
+
+def _open_indexed(pointer: Path) -> datasets.Dataset | None:
+    """The table the node's main process just loaded, from its arrow files; None to load it here instead."""
+    try:
+        files = json.loads(pointer.read_text())
+    except (OSError, ValueError):
+        return None
+    if not files or not all(Path(f).is_file() for f in files):
+        return None  # held in memory there, or a cache elsewhere
+    parts = [datasets.Dataset.from_file(f) for f in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _source_args(config: DataConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -658,9 +696,7 @@ class CollateKeyed:
 
 def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed: int) -> shards.StreamLoader:
     """This process's training stream of a "wds:" source (rank and world from Accelerate's state)."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     names, _, train = _shard_layout(config)
     make_item = ShardItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
                           config.label_column, config.jpeg_draft)

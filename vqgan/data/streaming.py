@@ -33,6 +33,7 @@ from vqgan.data import (
     _source_args,
     crop_pixels,
     decode_image,
+    process_state,
     resized_pixels,
 )
 from vqgan.data.shards import _to_device, seed_of
@@ -152,9 +153,7 @@ class HubStream:
 
 
 def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: int, collate) -> HubStream:
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     stream, description = open_stream(config, config.split)
     held_out = config.num_eval_images if config.eval_split is None and config.num_eval_images else 0
     make_item = RowItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
