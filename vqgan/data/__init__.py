@@ -1,10 +1,12 @@
 """Image data for tokenizer training: decode what PIL can read, skip what it cannot, crop to (3, S, S).
 
-Every item is a float tensor (3, S, S) in [-1, 1], the range inside the models. Three sources:
+Every item is a float tensor (3, S, S) in [-1, 1], the range inside the models. Map-style sources:
 "embedded" (photographs that ship with scikit-image, so a fresh machine without network can train), a
 HuggingFace hub dataset name ("cifar10"), or a local folder of images (read with the `imagefolder`
-builder). Images are decoded here, not by `datasets`, so that one corrupt or truncated file costs one
-item, counted and named in the batch, instead of killing an epoch.
+builder). Streams: "wds:PATTERN" WebDataset shards (vqgan.data.shards; written by
+vqgan.data.make_shards) and, with `streaming: true`, hub datasets read as they arrive
+(vqgan.data.streaming). Images are decoded here, not by `datasets`, so that one corrupt or truncated
+file costs one item, counted and named in the batch, instead of killing an epoch.
 
 Randomness is a pure function of (seed, epoch, index): the sampler yields keys `epoch * n + i` and the
 dataset seeds each item's crop and flip from its key. Order and crops are therefore the same with 0 or 8
@@ -55,7 +57,8 @@ SIZE_SCAN_LIMIT = 1000
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "embedded" | a HuggingFace hub dataset name ("cifar10") | a local folder of images (imagefolder).
+    # "embedded" | a HuggingFace hub dataset name ("cifar10") | a local folder of images (imagefolder) |
+    # "wds:PATTERN" tar shards (brace patterns / globs of paths, URLs, pipe: commands).
     source: str = "embedded"
     # Split of the source used for training (for a folder: "train" unless it has train/test subfolders).
     split: str = "train"
@@ -75,7 +78,8 @@ class DataConfig:
     hflip: bool = True
     # DataLoader worker processes; 0 decodes in the main process.
     num_workers: int = 0
-    # Train on a fixed random subset of this many rows (the same subset every run); None = all.
+    # Train on a fixed random subset of this many rows (the same subset every run; streams: the first
+    # ones); None = all.
     max_images: int | None = None
     # Cap on eval images; with eval_split None, this many rows of `split` are held out for eval.
     num_eval_images: int | None = None
