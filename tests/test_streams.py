@@ -421,3 +421,11 @@ def test_the_quickstart_on_shards_builds_as_documented(tmp_path):
     batch = next(iter(loader))
     assert batch["images"].shape == (16, 3, 32, 32) and len(set(k.rsplit(":", 1)[1] for k in batch["keys"])) == 16
     assert len(build_dataset(config.data, "eval")) == 2
+
+
+def test_shards_stream_from_pipe_commands_and_a_failing_one_is_named(tmp_path):
+    source = synthetic_shards(tmp_path / "shards", [3, 2])
+    names = [f"pipe:cat {name}" for name in shards.expand_pattern(source)]
+    assert [key for _, key, _ in shards.read_samples(names[0], 1, 2)] == ["00001", "00002"]
+    with pytest.raises(RuntimeError, match="cannot read shard pipe:cat /nonexistent.tar"):
+        list(shards.read_samples("pipe:cat /nonexistent.tar", 0, 1))

@@ -192,6 +192,8 @@ def read_samples(name: str, first: int, count: int) -> Iterator[tuple[int, str, 
                     members[parsed[1]] = tar.extractfile(info).read()
                 tar.members = []  # a streamed tar otherwise keeps every header of the shard
     except (tarfile.TarError, OSError, EOFError) as err:
+        if key is None:  # nothing came out of it: a failed download or command, or not a tar at all
+            raise RuntimeError(f"cannot read shard {name}: {type(err).__name__}: {err}") from err
         raise RuntimeError(f"shard {name} is corrupt near sample {index} ({key}): {type(err).__name__}: {err}; "
                            f"rewrite it (vqgan-make-shards verifies every shard it writes)") from err
     if key is not None and first <= index < end:
