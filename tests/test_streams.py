@@ -259,20 +259,36 @@ def test_two_processes_see_each_image_once_in_an_epoch(tmp_path):
 # ----------------------------------------------------------------------------- kill and resume on a stream
 
 
-@pytest.mark.slow
-def test_tokenizer_on_shards_killed_at_random_moments_resumes_bit_identical(tmp_path):
-    from test_kill_resume import TOKENIZER_RECIPE, kill_and_resume
+def shards_recipe(tmp_path: Path) -> dict:
+    from test_kill_resume import TOKENIZER_RECIPE
 
     index = make_shards("embedded", tmp_path / "shards", shard_size=2, resize=64, format="png", progress=False)
-    recipe = {**TOKENIZER_RECIPE,
-              # 6 photos in 3 shards, 1 held out: 2 batches of 2 per epoch (1 photo left out), two workers
-              "data": {"source": "wds:" + index["pattern"], "image_size": 32, "num_eval_images": 1, "num_workers": 2,
-                       "shuffle_buffer": 3},
-              "train": {**TOKENIZER_RECIPE["train"], "steps": 40, "batch_size": 2, "checkpoint_every": 7}}
-    landed, compared, seconds = kill_and_resume(tmp_path, "tokenizer", recipe, 40, processes=1, kills=4,
-                                                targeted=("checkpoint-write:2",), seed=4, port=29561)
+    return {**TOKENIZER_RECIPE,
+            # 6 photos in 3 shards, 1 held out: on 1 process 2 batches of 2 per epoch (1 photo left out)
+            "data": {"source": "wds:" + index["pattern"], "image_size": 32, "num_eval_images": 1, "num_workers": 2,
+                     "shuffle_buffer": 3},
+            "train": {**TOKENIZER_RECIPE["train"], "steps": 40, "batch_size": 2, "checkpoint_every": 7}}
+
+
+@pytest.mark.slow
+def test_tokenizer_on_shards_killed_at_random_moments_resumes_bit_identical(tmp_path):
+    from test_kill_resume import kill_and_resume
+
+    landed, compared, seconds = kill_and_resume(tmp_path, "tokenizer", shards_recipe(tmp_path), 40, processes=1,
+                                                kills=4, targeted=("checkpoint-write:2",), seed=4, port=29561)
     print(f"tokenizer on shards, 1 process: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
     assert landed >= 3 and compared > 100
+
+
+@pytest.mark.slow
+def test_two_process_tokenizer_on_shards_killed_resumes_bit_identical(tmp_path):
+    from test_kill_resume import kill_and_resume
+
+    recipe = shards_recipe(tmp_path)  # 5 photos over 2 processes: 1 batch of 2 each per epoch
+    landed, compared, seconds = kill_and_resume(tmp_path, "tokenizer", recipe, 40, processes=2, kills=3,
+                                                targeted=(), seed=7, port=29567)
+    print(f"tokenizer on shards, 2 processes: {landed} kills landed, {compared} tensors equal, {seconds:.0f} s")
+    assert landed >= 2 and compared > 100
 
 
 # ----------------------------------------------------------------------------- streamed hub datasets
