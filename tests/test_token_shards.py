@@ -111,15 +111,22 @@ def test_tokenizing_a_streamed_dataset_keeps_labels(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_a_prior_trains_from_the_tokens_of_shards(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("kind", ["shards", "streamed"])
+def test_a_prior_trains_from_the_tokens_of_a_stream(tmp_path, tokenizer_dir, kind):
+    from vqgan.data import embedded_dataset
     from vqgan.train_prior import main
 
-    index = make_shards("embedded", tmp_path / "shards", shard_size=3, resize=64, format="jpg", progress=False)
+    if kind == "shards":
+        index = make_shards("embedded", tmp_path / "shards", shard_size=3, resize=64, format="jpg", progress=False)
+        data = {"source": "wds:" + index["pattern"], "image_size": 32, "resize": 64}
+    else:  # the photos as a local copy of a hub dataset, streamed
+        embedded_dataset("train").to_parquet(tmp_path / "ds" / "plain_text" / "train-00000-of-00001.parquet")
+        data = {"source": str(tmp_path / "ds"), "streaming": True, "image_size": 32, "resize": 64,
+                "cache_dir": str(tmp_path / "c")}
     recipe = {
         "run_dir": str(tmp_path / "run"), "prior": "transformer",
         "transformer": {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2},
-        "tokens": {"path": str(tmp_path / "tokens"), "tokenizer": str(tokenizer_dir),
-                   "data": {"source": "wds:" + index["pattern"], "image_size": 32, "resize": 64}},
+        "tokens": {"path": str(tmp_path / "tokens"), "tokenizer": str(tokenizer_dir), "data": data},
         "train": {"steps": 3, "batch_size": 2, "log_every": 1, "checkpoint_every": 3, "tracker": "none",
                   "progress_bar": False, "mixed_precision": "no"},
         "sampling": {"num_samples": 2, "batch_size": 2, "top_k": 10},
