@@ -269,3 +269,62 @@ def test_resume_mid_epoch_sees_the_same_batches():
     resumed.batch_sampler.sampler.set_epoch(1)
     tail = first_batches(skip_first_batches(resumed, 1), 2)
     assert all(torch.equal(x, y) for x, y in zip(epoch1[1:], tail))
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_close_to_the_full_decode():
+    from vqgan.data import resized_pixels
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    smooth = np.stack([xx * 255 // 800, yy * 255 // 600, (xx + yy) * 255 // 1400], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, format="JPEG", quality=95)
+    cell = {"bytes": buffer.getvalue(), "path": None}
+    drafted = decode_image(cell, min_short_side=128)
+    assert drafted.size == (200, 150)  # 1/4 scale: the smallest whose shorter side still reaches 128
+    assert decode_image(cell, min_short_side=400).size == (800, 600)  # no 1/2 decode reaches 400: full size
+    fast = resized_pixels(drafted, 64, 128).float()
+    full = resized_pixels(decode_image(cell), 64, 128).float()
+    assert fast.shape == full.shape == (3, 128, 170)
+    assert (fast - full).abs().mean() < 2.0  # within JPEG noise of resizing the full decode (8-bit levels)
+
+
+INDEX_ONCE_SCRIPT = """
+import json, sys
+import datasets
+from accelerate import PartialState
+from vqgan.data import DataConfig, build_dataset
+
+calls = []
+original = datasets.load_dataset
+datasets.load_dataset = lambda *a, **k: calls.append(a) or original(*a, **k)
+dataset = build_dataset(DataConfig(source=sys.argv[1], image_size=32, cache_dir=sys.argv[2]), "train")
+state = PartialState()  # the one build_dataset started (a data-only process: no Accelerator)
+rows = [dataset.table[i]["image"]["path"] for i in range(len(dataset.table))]
+print("RESULT " + json.dumps({"rank": state.process_index, "calls": len(calls), "rows": rows}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_folder_is_indexed_once_per_node_and_read_by_the_other_processes(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    script = tmp_path / "index_once.py"
+    script.write_text(INDEX_ONCE_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29573",
+           str(script), str(folder), str(tmp_path / "hf_cache")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = sorted((json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [r["calls"] for r in found] == [1, 0]  # only the node's main process walked and indexed the folder
+    assert found[0]["rows"] == found[1]["rows"] and len(found[0]["rows"]) == 5

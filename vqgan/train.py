@@ -31,7 +31,7 @@ from vqgan.losses import LeCAM, LossConfig
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.train_utils import evaluate_reconstruction, log_image_grid
-from vqgan.training.batches import resumable_batches
+from vqgan.training.batches import record_stream_position, resumable_batches
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
 from vqgan.training.gan_step import discriminator_step, generator_step
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def checkpoint() -> Path:
         merge_skipped_files()
+        record_stream_position(accelerator, train_loader, state)  # a streamed source restarts there on resume
         state.adaptive_weight = float(adaptive_fallback)
         return save_checkpoint(accelerator, checkpoint_root, state, to_dict(config), write_checkpoint_files,
                                loop.keep_checkpoints)

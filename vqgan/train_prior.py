@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
 from vqgan.export import VQTokenizer
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
-from vqgan.prior.data import check_token_dataset, load_token_dataset, token_dataset_tensors
+from vqgan.prior.data import check_token_dataset, open_token_grids
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.io import build_prior, save_prior
 from vqgan.prior.maskgit import MaskGITConfig, masked_token_loss, training_mask
@@ -108,8 +108,8 @@ def prior_config(config: PriorTrainConfig) -> TransformerConfig | PixelCNNConfig
     return getattr(config, config.prior)
 
 
-def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Load the token dataset, tokenizing the images first when it does not exist; check it fits the prior."""
+def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[Dataset, torch.Tensor | None, dict]:
+    """Open the token dataset (items (grid,) or (grid, label)), tokenizing the images first when it does not exist; check it fits the prior."""
     tokens_cfg = config.tokens
     if not tokens_cfg.path:
         raise ConfigError("tokens.path must name the token dataset folder (it is created when tokens.tokenizer is set)")
@@ -124,17 +124,17 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
         accelerator.print(f"tokenizing {tokens_cfg.data.source} [{tokens_cfg.split}] with {tokens_cfg.tokenizer}")
         tokenize_dataset(accelerator, tokens_cfg.tokenizer, tokens_cfg.data, tokens_cfg.path, tokens_cfg.split,
                          tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed)
-    dataset, metadata = load_token_dataset(tokens_cfg.path)
+    # memory-mapped when sharded (what tokenization writes): no int64 copy of the whole set per rank
+    grids, labels, metadata = open_token_grids(tokens_cfg.path)
     model_cfg = prior_config(config)
     check_token_dataset(metadata, model_cfg.num_codes, model_cfg.grid)
-    tokens, labels = token_dataset_tensors(dataset)
     if model_cfg.num_classes > 0:
         if labels is None:
             raise ValueError(f"{config.prior}.num_classes={model_cfg.num_classes} but {tokens_cfg.path} has no labels")
         if int(labels.max()) >= model_cfg.num_classes or int(labels.min()) < 0:
             raise ValueError(f"labels of {tokens_cfg.path} span [{int(labels.min())}, {int(labels.max())}], "
                              f"outside [0, {model_cfg.num_classes})")
-    return tokens, labels, metadata
+    return grids, labels, metadata
 
 
 # Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
@@ -152,13 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(config.seed)  # the initial weights; each window then seeds itself (vqgan.training.rng)
     device = accelerator.device
 
-    tokens, labels, metadata = prepare_tokens(config, accelerator)
+    token_set, labels, metadata = prepare_tokens(config, accelerator)
     model_cfg = prior_config(config)
     model = build_prior(config.prior, model_cfg)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, loop.steps)
-    columns = (tokens,) if labels is None else (tokens, labels)
-    loader = DataLoader(TensorDataset(*columns), batch_size=loop.batch_size, shuffle=True, drop_last=len(tokens) >= loop.batch_size)
+    loader = DataLoader(token_set, batch_size=loop.batch_size, shuffle=True, drop_last=len(token_set) >= loop.batch_size)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = create_ema(raw_model) if loop.ema_decay > 0 else None
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
     accelerator.print(
-        f"{config.prior} prior {format_count(count_parameters(raw_model))} params; {len(tokens)} grids of "
+        f"{config.prior} prior {format_count(count_parameters(raw_model))} params; {len(token_set)} grids of "
         f"{tuple(model_cfg.grid)} = {model_cfg.seq_len} tokens, K={model_cfg.num_codes} (uniform prior: "
         f"{uniform_bits:.2f} bits/token); effective batch {loop.batch_size * accelerator.num_processes * loop.grad_accum_steps}; "
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"

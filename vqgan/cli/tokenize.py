@@ -4,8 +4,9 @@
     accelerate launch --multi_gpu --num_processes 8 -m vqgan.cli.tokenize TOKENIZER OUT \
         --data source=cifar10 image_column=img label_column=label image_size=32 --split train --hflip-rows
 
-The output is a `datasets` dataset on disk (columns "tokens" (h x w ids) and "label" when the source
-has labels) with tokenizer.json beside it: K, the grid and the tokenizer's fingerprint.
+The output is a folder of token shards, one set per process (`tokens-*.npy` (n, h, w), `labels-*.npy`
+when the source has labels), with tokenizer.json listing them: K, the grid and the tokenizer's
+fingerprint (vqgan.prior.data). Any data.source works, `wds:` shards and streaming=true included.
 """
 
 from __future__ import annotations

@@ -1,28 +1,31 @@
 """Encode an image dataset into a token dataset with a trained tokenizer, on one or many processes.
 
-Each process encodes the rows `rank::world` of the source (no padding, so no row is encoded twice at an
-uneven tail); the main process gathers the rows, puts them back in source order and writes the dataset
-atomically with the tokenizer's identity in its metadata.
+Each process encodes its share of the source (map-style rows `rank::world`; a stream's range of shards
+or rows; no padding, so no row is encoded twice at an uneven tail) and writes its own token shards; the
+main process writes the index with the tokenizer's identity and renames the folder into place. Rows
+carry their source key, so readers see them in source order whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from vqgan.data import BadItem, DataConfig, build_dataset
 from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
-from vqgan.prior.data import save_token_dataset
-from vqgan.utils import images_from_model_range
+from vqgan.prior.data import finish_token_shards, write_token_shard
+from vqgan.utils import images_from_model_range, replace_folder_atomically
 
 
 def tokenizer_fingerprint(folder: str | Path) -> str:
@@ -113,6 +116,92 @@ def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
     }
 
 
+class _ShardRows(IterableDataset):
+    """A "wds:" source's samples [rank * n / world, (rank + 1) * n / world), split again over DataLoader workers."""
+
+    def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
+        from vqgan.data import ShardItem, _shard_layout, shards
+
+        names, held_out, train = _shard_layout(data)
+        if split == "eval" and data.eval_split is not None:
+            names = shards.expand_pattern(data.eval_split)
+            spans = [shards.Span(i, 0, c) for i, c in enumerate(shards.shard_counts(names))]
+        else:
+            spans = held_out if split == "eval" else train
+        total = sum(span.count for span in spans)
+        self.begin, self.end = rank * total // world, (rank + 1) * total // world  # covers all, no overlap
+        self.names, self.spans, self.seed = names, spans, seed
+        self.make_item = ShardItem(data.image_size, data.resize, data.random_crop and split == "train",
+                                   data.hflip and split == "train", data.image_column, data.label_column,
+                                   data.jpeg_draft)
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+    def __iter__(self):
+        from vqgan.data import shards
+
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        size = self.end - self.begin
+        lo, hi = self.begin + worker * size // workers, self.begin + (worker + 1) * size // workers
+        row = lo
+        for span in shards.take(self.spans, lo, hi - lo):
+            for index, key, members in shards.read_samples(self.names[span.shard], span.first, span.count):
+                name = f"{self.names[span.shard]}:{key}"
+                yield row, self.make_item(members, name, shards.seed_of(self.seed, 0, span.shard, index))
+                row += 1
+
+
+class _StreamedRows(IterableDataset):
+    """A streamed hub source's rows for one process (split_dataset_by_node), keyed uniquely over processes."""
+
+    def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        from vqgan.data.streaming import RowItem, open_stream
+
+        source_split = data.eval_split if split == "eval" and data.eval_split else data.split
+        stream, self.description = open_stream(data, source_split)
+        held_out = data.num_eval_images if data.eval_split is None and data.num_eval_images else 0
+        if split == "eval":
+            if not held_out and data.eval_split is None:
+                raise ValueError(f"no eval data for {data.source!r}: set eval_split or num_eval_images")
+            stream = stream.take(held_out) if held_out else stream
+        elif held_out:
+            stream = stream.skip(held_out)
+        if split == "train" and data.max_images is not None:
+            stream = stream.take(data.max_images)
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        self.rank, self.world, self.seed = rank, world, seed
+        self.make_item = RowItem(data.image_size, data.resize, data.random_crop and split == "train",
+                                 data.hflip and split == "train", data.image_column, data.label_column, data.jpeg_draft)
+
+    def __iter__(self):
+        from vqgan.data.shards import seed_of
+
+        info = get_worker_info()  # datasets gives each DataLoader worker shards of its own
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for i, row in enumerate(self.stream):
+            key = ((i * workers + worker) * self.world) + self.rank
+            yield key, self.make_item(row, f"{self.description} rank {self.rank} row {i}", seed_of(self.seed, key))
+
+
+def _rows_of(data: DataConfig, split: str, seed: int, rank: int, world: int):
+    """This process's (key, item) pairs of the source: every row once over all processes, map-style or stream."""
+    from vqgan.data import shards
+
+    if shards.is_shard_source(data.source):
+        return _ShardRows(data, split, seed, rank, world)
+    if data.streaming:
+        return _StreamedRows(data, split, seed, rank, world)
+    return _Shard(build_dataset(data, split, seed=seed), rank, world)
+
+
+# Grids per token shard file: ~33 MB of uint16 at 16x16 tokens; a process holds at most one chunk.
+ROWS_PER_SHARD = 65536
+
+
 @torch.no_grad()
 def tokenize_dataset(
     accelerator: Accelerator,
@@ -123,52 +212,83 @@ def tokenize_dataset(
     batch_size: int = 32,
     hflip_rows: bool = False,
     seed: int = 0,
+    rows_per_shard: int = ROWS_PER_SHARD,
 ) -> dict[str, Any]:
-    """Write the token dataset of `data`'s `split` to `out_path`; returns its metadata (on every process)."""
-    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=accelerator.device)
-    source = build_dataset(data, split, seed=seed)
-    shard = _Shard(source, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, collate_fn=_collate)
+    """Write the token dataset of `data`'s `split` to `out_path`; returns its metadata (on every process).
 
-    keys, grids, labels, skipped = [], [], [], []  # this process's rows: key = 2 * row + flipped
+    Any source streams through: map-style rows rank::world, "wds:" shards and streamed hub datasets
+    split by process. Each process writes its own token shards (vqgan.prior.data, sharded layout) into a
+    hidden folder beside `out_path`; the main process writes the index and renames the folder into
+    place, so a reader never sees half a dataset. On a GPU the encoder runs in bf16 autocast.
+    """
+    device = accelerator.device
+    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=device)
+    rows = _rows_of(data, split, seed, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    h, w = tokenizer.grid_shape(data.image_size, data.image_size)
+    out_path = Path(out_path).absolute()
+    partial = out_path.parent / f".{out_path.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    entries: list[dict[str, Any]] = []
+    keys, grids, labels, skipped = [], [], [], []  # this process's current chunk: key = 2 * row + flipped
+
+    def flush() -> None:
+        if keys:
+            entries.append(write_token_shard(
+                partial, accelerator.process_index, len(entries), np.concatenate(grids),
+                np.concatenate(labels) if data.label_column else None, np.concatenate(keys), tokenizer.num_codes))
+            keys.clear(), grids.clear(), labels.clear()
+
+    held = 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for batch in tqdm(loader, desc=f"tokenize {split}", disable=not accelerator.is_local_main_process):
         skipped.extend(batch["skipped"])
         if batch["images"] is None:
             continue
-        images = images_from_model_range(batch["images"].to(accelerator.device))  # (B, 3, S, S) in [0, 1]
-        rows = torch.tensor(batch["rows"], dtype=torch.long)
+        images = images_from_model_range(batch["images"].to(device, non_blocking=True))  # (B, 3, S, S) in [0, 1]
+        row_keys = torch.tensor(batch["rows"], dtype=torch.long)
         variants = [(0, images)] + ([(1, images.flip(-1))] if hflip_rows else [])
         for flipped, view in variants:
-            keys.append(2 * rows + flipped)
-            grids.append(tokenizer.encode(view).to(torch.int32).cpu())  # (B, h, w)
-            labels.append(torch.tensor([-1 if label is None else label for label in batch["labels"]]))
+            with autocast:
+                codes = tokenizer.encode(view)  # (B, h, w)
+            keys.append((2 * row_keys + flipped).numpy())
+            grids.append(codes.to(torch.int32).cpu().numpy())
+            labels.append(np.array([-1 if label is None else label for label in batch["labels"]], dtype=np.int64))
+            held += len(row_keys)
+        if held >= rows_per_shard:
+            flush()
+            held = 0
+    flush()
 
-    # Each process leaves its rows in a shard file and the main process merges them: gathering Python
-    # objects would copy every process's tokens to every process (ImageNet: tens of GB each).
-    h, w = tokenizer.grid_shape(data.image_size, data.image_size)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    shard = out_path.parent / f".{out_path.name}.shard{accelerator.process_index}.safetensors"
-    empty = torch.zeros(0, dtype=torch.long)
-    save_file({"keys": torch.cat(keys) if keys else empty,
-               "tokens": torch.cat(grids) if grids else torch.zeros(0, h, w, dtype=torch.int32),
-               "labels": torch.cat(labels) if labels else empty}, shard)
+    entries = gather_object(entries)
     skipped = gather_object(skipped)
-    num_rows = sum(gather_object([sum(len(k) for k in keys)]))
-    accelerator.wait_for_everyone()
+    num_rows = sum(e["rows"] for e in entries)
     metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], "tokenizer_hash": tokenizer_fingerprint(tokenizer_path),
                 "tokenizer": str(tokenizer_path), "source": data.source, "split": split, "hflip_rows": hflip_rows,
                 "num_rows": num_rows, "skipped_files": len(skipped)}
+    accelerator.wait_for_everyone()
+    error: Exception | None = None
     if accelerator.is_main_process:
-        shards = [out_path.parent / f".{out_path.name}.shard{rank}.safetensors" for rank in range(accelerator.num_processes)]
-        parts = [load_file(path) for path in shards]
-        merged = {name: torch.cat([part[name] for part in parts]) for name in ("keys", "tokens", "labels")}
-        if merged["keys"].numel() == 0:
-            raise ValueError(f"no image of {data.source} [{split}] could be tokenized ({len(skipped)} unreadable)")
-        order = merged["keys"].argsort()  # back to source order, each row's flipped copy after it
-        has_labels = bool((merged["labels"] >= 0).all())
-        save_token_dataset(out_path, merged["tokens"][order], merged["labels"][order] if has_labels else None, metadata)
-        for path in shards:
-            path.unlink()
+        try:
+            if num_rows == 0:
+                raise ValueError(f"no image of {data.source} [{split}] could be tokenized ({len(skipped)} unreadable)")
+            finish_token_shards(partial, entries, metadata)
+            replace_folder_atomically(out_path, lambda tmp: _move_contents(partial, tmp))
+        except Exception as err:
+            error = err
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    if error is not None:
+        raise error
     accelerator.wait_for_everyone()
     return metadata
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        os.replace(path, target / path.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from vqgan.training.state import TrainState
 
@@ -14,13 +15,40 @@ def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> It
 
     Position p is epoch p // len(loader), offset p % len(loader). The sampler's order depends on
     (seed, epoch) only (`set_epoch`), so skipping `offset` batches of epoch e lands on the very batch
-    an uninterrupted run drew there.
+    an uninterrupted run drew there. A stream (vqgan.data.shards.StreamLoader) starts at that batch
+    itself: `loader.iterate(epoch, offset)`, without drawing the batches before it.
     """
+    if hasattr(loader, "seek"):  # an endless stream that keeps its own position (vqgan.data.streaming)
+        yield from _stream_batches(accelerator, loader, state)
+        return
     if len(loader) == 0:
         raise ValueError("the training data yields no batch: fewer images than train.batch_size x processes?")
     while True:
         epoch, offset = divmod(state.batches_seen, len(loader))
-        loader.set_epoch(epoch)
-        for batch in accelerator.skip_first_batches(loader, offset) if offset else loader:
+        if hasattr(loader, "iterate"):
+            batches = loader.iterate(epoch, offset)
+        else:
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+        for batch in batches:
             state.batches_seen += 1
             yield batch
+
+
+def _stream_batches(accelerator: Accelerator, loader, state: TrainState) -> Iterator[Any]:
+    """Batches of a stream from its saved (epoch, batch) position on this process (state.stream_positions)."""
+    if state.stream_positions:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if len(state.stream_positions) != world:
+            raise ValueError(f"the checkpoint holds stream positions of {len(state.stream_positions)} processes, this "
+                             f"run has {world}: a streamed run resumes on as many processes as it was saved from")
+        loader.seek(*state.stream_positions[rank])
+    for batch in loader:
+        state.batches_seen += 1
+        yield batch
+
+
+def record_stream_position(accelerator: Accelerator, loader, state: TrainState) -> None:
+    """Put every process's stream position into the state before a checkpoint (a collective; no-op for others)."""
+    if hasattr(loader, "seek"):
+        state.stream_positions = [list(p) for p in gather_object([list(loader.position)])]

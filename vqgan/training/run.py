@@ -36,7 +36,9 @@ def build_accelerator(run_dir: Path, mixed_precision: str, tracker: str) -> Acce
         log_with=None if tracker == "none" else tracker,
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,  # schedulers step once per optimizer step, by the loop
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # the same shuffle on resume
+        # use_seedable_sampler: the same shuffle on resume; non_blocking: host-to-GPU copies of pinned batches
+        # overlap the step (vqgan.data pins them on CUDA)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
 
 

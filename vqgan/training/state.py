@@ -20,6 +20,8 @@ class TrainState:
     overflow_steps: int = 0  # fp16 steps whose update was skipped (adaptive-weight overflow) and scale backed off
     adaptive_weight: float = 1.0  # last adaptive GAN weight: the fallback when fp16 gradients overflow
     skipped_files: list[str] = field(default_factory=list)  # unreadable files met, all processes
+    # [epoch, batches drawn in it] of each process's endless stream (data.streaming), where a resume restarts it
+    stream_positions: list[list[int]] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
 
     def to_dict(self) -> dict[str, Any]:

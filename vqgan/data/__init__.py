@@ -1,10 +1,12 @@
 """Image data for tokenizer training: decode what PIL can read, skip what it cannot, crop to (3, S, S).
 
-Every item is a float tensor (3, S, S) in [-1, 1], the range inside the models. Three sources:
+Every item is a float tensor (3, S, S) in [-1, 1], the range inside the models. Map-style sources:
 "embedded" (photographs that ship with scikit-image, so a fresh machine without network can train), a
 HuggingFace hub dataset name ("cifar10"), or a local folder of images (read with the `imagefolder`
-builder). Images are decoded here, not by `datasets`, so that one corrupt or truncated file costs one
-item, counted and named in the batch, instead of killing an epoch.
+builder). Streams: "wds:PATTERN" WebDataset shards (vqgan.data.shards; written by
+vqgan.data.make_shards) and, with `streaming: true`, hub datasets read as they arrive
+(vqgan.data.streaming). Images are decoded here, not by `datasets`, so that one corrupt or truncated
+file costs one item, counted and named in the batch, instead of killing an epoch.
 
 Randomness is a pure function of (seed, epoch, index): the sampler yields keys `epoch * n + i` and the
 dataset seeds each item's crop and flip from its key. Order and crops are therefore the same with 0 or 8
@@ -13,9 +15,13 @@ workers, and a resumed run that calls `set_epoch` and skips the consumed batches
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+import json
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
-from vqgan.utils import images_to_model_range
+from vqgan.data import shards
+from vqgan.utils import atomic_write_text, images_to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +49,16 @@ EMBEDDED_PHOTOS = (
 # Whole photographs held out of training, so eval reconstructions are of images the model never saw.
 EMBEDDED_EVAL = ("coffee", "rocket")
 
+# How many file names the folder-format check reads at most (parquet or images).
+FORMAT_SCAN_LIMIT = 200
 # How many headers the crop-size check reads at most: enough to catch a misconfiguration, cheap on ImageNet.
 SIZE_SCAN_LIMIT = 1000
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "embedded" | a HuggingFace hub dataset name ("cifar10") | a local folder of images (imagefolder).
+    # "embedded" | a HuggingFace hub dataset name ("cifar10") | a local folder of images (imagefolder) |
+    # "wds:PATTERN" tar shards (brace patterns / globs of paths, URLs, pipe: commands).
     source: str = "embedded"
     # Split of the source used for training (for a folder: "train" unless it has train/test subfolders).
     split: str = "train"
@@ -68,7 +78,8 @@ class DataConfig:
     hflip: bool = True
     # DataLoader worker processes; 0 decodes in the main process.
     num_workers: int = 0
-    # Train on a fixed random subset of this many rows (the same subset every run); None = all.
+    # Train on a fixed random subset of this many rows (the same subset every run; streams: the first
+    # ones); None = all.
     max_images: int | None = None
     # Cap on eval images; with eval_split None, this many rows of `split` are held out for eval.
     num_eval_images: int | None = None
@@ -76,6 +87,16 @@ class DataConfig:
     embedded_repeats: int = 32
     # Where `datasets` caches hub downloads and imagefolder indexes; None = its default (~/.cache).
     cache_dir: str | None = None
+    # Hub datasets (or a local parquet / image folder): read as a stream (datasets' IterableDataset), never
+    # downloaded whole; eval rows are the first num_eval_images of eval_split (or held out of split).
+    streaming: bool = False
+    # Decode JPEGs at a reduced scale (1/2, 1/4, 1/8) when `resize` is at most half their shorter side.
+    jpeg_draft: bool = True
+    # Streams ("wds:" shards, streaming): samples held in the shuffle buffer (raw bytes; 1 = no buffer).
+    shuffle_buffer: int = 1000
+    # "wds:PATTERN" sources: the index.json with each shard's sample count; None = the one beside the shards
+    # (local shards without one are counted from their tar headers at start).
+    shard_index: str | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -93,6 +114,11 @@ class DataConfig:
             raise ValueError(f"embedded_repeats must be at least 1, got {self.embedded_repeats}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.streaming and (self.source == "embedded" or self.source.startswith("wds:")):
+            raise ValueError(f"streaming: true is for hub datasets (and local parquet / image folders); "
+                             f"{self.source!r} is {'a stream already' if self.source.startswith('wds:') else 'in memory'}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be at least 1 (1 = no buffer), got {self.shuffle_buffer}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -133,9 +159,17 @@ def _open(image: dict[str, Any]) -> Image.Image:
     raise ValueError(f"image cell has neither bytes nor a path: {image!r}")
 
 
-def decode_image(image: dict[str, Any]) -> Image.Image:
-    """Fully decoded, upright RGB image; raises (OSError, ValueError, ...) on a corrupt or truncated file."""
+def decode_image(image: dict[str, Any], min_short_side: int | None = None) -> Image.Image:
+    """Fully decoded, upright RGB image; raises (OSError, ValueError, ...) on a corrupt or truncated file.
+
+    min_short_side: the image is about to be resized so that its shorter side is this; a JPEG is then
+    decoded at the smallest 1/2, 1/4 or 1/8 scale whose shorter side still reaches it (libjpeg's DCT
+    scaling, "draft" mode: a 4x smaller decode is several times faster), and the resize does the rest.
+    """
     with _open(image) as pil:
+        if min_short_side is not None and pil.format == "JPEG" and min(pil.size) > 2 * min_short_side:
+            scale = min_short_side / min(pil.size)
+            pil.draft("RGB", (math.ceil(pil.width * scale), math.ceil(pil.height * scale)))
         pil.load()  # NOTE: the decode happens here; truncated files raise here (LOAD_TRUNCATED_IMAGES stays off)
         return to_rgb(ImageOps.exif_transpose(pil))  # camera JPEGs store rotation as an EXIF tag
 
@@ -201,8 +235,10 @@ class ImageDataset(Dataset):
         label_column: str | None = None,
         repeats: int = 1,
         seed: int = 0,
+        jpeg_draft: bool = True,
     ) -> None:
         self.table, self.description = table, description
+        self.jpeg_draft = jpeg_draft
         self.image_size, self.resize, self.random_crop, self.hflip = image_size, resize, random_crop, hflip
         self.image_column, self.label_column = image_column, label_column
         self.repeats, self.seed = repeats, seed
@@ -234,7 +270,8 @@ class ImageDataset(Dataset):
         name = self._name(cell, row)
         cached = self._resized_cache.get(row) if self._resized_cache is not None else None
         try:
-            pixels = cached if cached is not None else resized_pixels(decode_image(cell), self.image_size, self.resize)
+            pixels = cached if cached is not None else resized_pixels(
+                decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size, self.resize)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
             if name not in _warned:
                 _warned.add(name)
@@ -313,12 +350,66 @@ def embedded_dataset(split: str = "train") -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": cells, "name": names}, features=features)
 
 
+def process_state():
+    """Accelerate's process state (rank, world, device): the Accelerator's if one exists, else started here
+    the way an Accelerator would (ACCELERATE_USE_CPU read too, so a CPU launch is seen as multi-process)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Dataset, str]:
     """One split of a hub dataset, of a local copy of one (a folder of parquet files) or of an image folder."""
+    state = process_state()
+    pointer = _index_pointer(config, source_split)
+    args, kwargs = _source_args(config)
+    try:
+        # The main process of each node downloads / walks and indexes the source into the cache; the others
+        # wait, then open the cache's arrow files it names, instead of all walking the folder (minutes for
+        # ImageNet on NFS) or hitting the hub at once.
+        with state.local_main_process_first():
+            table = None if state.is_local_main_process else _open_indexed(pointer)
+            if table is None:
+                table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
+                if state.is_local_main_process and state.num_processes > 1:
+                    atomic_write_text(pointer, json.dumps([f["filename"] for f in table.cache_files]))
+    except Exception as err:  # no network, unknown name or split: say which source and split failed
+        raise RuntimeError(
+            f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
+        ) from err
+    return table, f"{config.source} [{source_split}]"
+
+
+def _index_pointer(config: DataConfig, split: str) -> Path:
+    """Node-local file where the node's main process names the arrow files it loaded (source, split, cache)."""
+    import hashlib
+    import tempfile
+
+    key = json.dumps([str(Path(config.source).expanduser().absolute()) if Path(config.source).expanduser().exists()
+                      else config.source, split, config.cache_dir])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"vqgan-index-{os.getuid()}-{digest}.json"
+
+
+def _open_indexed(pointer: Path) -> datasets.Dataset | None:
+    """The table the node's main process just loaded, from its arrow files; None to load it here instead."""
+    try:
+        files = json.loads(pointer.read_text())
+    except (OSError, ValueError):
+        return None
+    if not files or not all(Path(f).is_file() for f in files):
+        return None  # held in memory there, or a cache elsewhere
+    parts = [datasets.Dataset.from_file(f) for f in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _source_args(config: DataConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """`load_dataset` arguments for a hub name, a folder of parquet files or an image folder."""
     folder = Path(config.source).expanduser()
     args, kwargs = (config.source,), {}
     if folder.is_dir():
-        suffixes = {p.suffix.lower() for p in folder.rglob("*") if p.is_file()}
+        suffixes = _first_suffixes(folder)
         if ".parquet" in suffixes:  # e.g. a snapshot of the cifar10 hub repository: read like the hub
             args = (str(folder),)
         elif suffixes & set(ImageFolder.EXTENSIONS):
@@ -330,13 +421,22 @@ def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Datase
             )
     elif config.source.startswith(("/", "./", "../", "~")):
         raise ValueError(f"image folder {config.source!r} does not exist (a source that looks like a path must be one)")
-    try:
-        table = datasets.load_dataset(*args, split=source_split, cache_dir=config.cache_dir, **kwargs)
-    except Exception as err:  # no network, unknown name or split: say which source and split failed
-        raise RuntimeError(
-            f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
-        ) from err
-    return table, f"{config.source} [{source_split}]"
+    return args, kwargs
+
+
+def _first_suffixes(folder: Path, limit: int = FORMAT_SCAN_LIMIT) -> set[str]:
+    """Suffixes of the first `limit` files under `folder` (sorted walk): enough to tell parquet from images
+    without listing a 1.28M-file tree on every process (NFS: minutes)."""
+    suffixes: set[str] = set()
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            suffixes.add(Path(name).suffix.lower())
+            seen += 1
+            if seen >= limit:
+                return suffixes
+    return suffixes
 
 
 def _subset(table: datasets.Dataset, split: str, config: DataConfig, description: str) -> datasets.Dataset:
@@ -399,11 +499,25 @@ def _check_crop_fits(table: datasets.Dataset, column: str, size: int, descriptio
 
 
 def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> ImageDataset:
-    """The "train" (random crops, flips) or "eval" (centre crops) dataset of `config`; checks it at start."""
+    """The "train" (random crops, flips) or "eval" (centre crops) dataset of `config`; checks it at start.
+
+    A "wds:" source gives its eval split here (held-out samples or an eval pattern, read into memory);
+    its training split is a stream (`build_dataloader`).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     embedded = config.source == "embedded"
-    if embedded:
+    if shards.is_shard_source(config.source):
+        if split == "train":
+            raise ValueError(f"{config.source} is a stream of shards: build its training data with build_dataloader")
+        table, description = _shard_eval_table(config)
+    elif config.streaming:
+        if split == "train":
+            raise ValueError(f"{config.source} is streamed: build its training data with build_dataloader")
+        from vqgan.data.streaming import eval_rows
+
+        table, description = eval_rows(config)
+    elif embedded:
         table, description = embedded_dataset(split), f"embedded [{split}]"
     else:
         source_split = config.split if split == "train" or config.eval_split is None else config.eval_split
@@ -414,7 +528,11 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
         table, description = _load_source(config, source_split)
     if len(table) == 0:
         raise ValueError(f"{description} has no images")
-    table = _check_columns(_subset(table, split, config, description), config, description)
+    if shards.is_shard_source(config.source) or config.streaming:  # already the eval rows: {"image", "label"?}
+        config = dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
+    else:
+        table = _subset(table, split, config, description)
+    table = _check_columns(table, config, description)
     train = split == "train"
     # Eval of the embedded photos sees each whole photograph scaled to S, not a small crop of a large one.
     resize = config.resize if train or not embedded else (config.resize or config.image_size)
@@ -431,6 +549,7 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
         label_column=config.label_column,
         repeats=config.embedded_repeats if embedded and train else 1,
         seed=seed,
+        jpeg_draft=config.jpeg_draft,
     )
 
 
@@ -448,9 +567,16 @@ def build_dataloader(
     sum it over the run to report). shuffle and drop_last default to True for "train", False for "eval".
     Call `loader.batch_sampler.sampler.set_epoch(epoch)` (or accelerate's `loader.set_epoch`) when resuming.
     """
-    dataset = build_dataset(config, split, seed=seed)
     train = split == "train"
     shuffle = train if shuffle is None else shuffle
+    if train and shards.is_shard_source(config.source):
+        return build_shard_loader(config, batch_size, shuffle, seed)
+    if train and config.streaming:
+        from vqgan.data.streaming import build_hub_stream
+
+        collate = CollateKeyed(CollateImages(config.image_size, config.label_column is not None))
+        return build_hub_stream(config, batch_size, shuffle, seed, collate)
+    dataset = build_dataset(config, split, seed=seed)
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"{dataset.description} has {len(dataset)} samples, fewer than batch_size={batch_size}")
@@ -461,6 +587,135 @@ def build_dataloader(
         num_workers=config.num_workers,
         collate_fn=CollateImages(config.image_size, config.label_column is not None),
         drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU can be non-blocking
+        # Workers live across epochs (no re-fork and re-import each epoch); the sampler, which holds the
+        # epoch, runs in the main process, so they never see a stale epoch.
+        persistent_workers=config.num_workers > 0 and train,
         # Only seeds the workers' global RNGs, which nothing here draws from; crops come from the item keys.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+
+
+def _shard_layout(config: DataConfig) -> tuple[list[str], list[shards.Span], list[shards.Span]]:
+    """(shard names, held-out eval spans, training spans) of a "wds:" source; max_images caps the training ones."""
+    names = shards.expand_pattern(config.source)
+    counts = shards.shard_counts(names, config.shard_index)
+    if config.eval_split is None and config.num_eval_images is not None:
+        held_out, train = shards.held_out_spans(counts, config.num_eval_images)
+    else:
+        held_out, train = [], [shards.Span(i, 0, c) for i, c in enumerate(counts)]
+    if config.max_images is not None:
+        train = shards.take(train, 0, config.max_images)
+    return names, held_out, train
+
+
+def _shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
+    """The eval rows of a "wds:" source in memory: num_eval_images held out of it, or of the eval_split pattern."""
+    if config.eval_split is not None:
+        if not shards.is_shard_source(config.eval_split):
+            raise ValueError(f"eval_split of a shard source must be a 'wds:PATTERN' of eval shards, got "
+                             f"{config.eval_split!r} (or leave it None and set num_eval_images to hold rows out)")
+        names = shards.expand_pattern(config.eval_split)
+        counts = shards.shard_counts(names)
+        every = [shards.Span(i, 0, c) for i, c in enumerate(counts)]
+        spans = shards.take(every, 0, config.num_eval_images or sum(counts))
+        description = f"{config.eval_split} [eval]"
+    elif config.num_eval_images is not None:
+        names, spans, _ = _shard_layout(config)
+        description = f"{config.source} [first {config.num_eval_images} held out]"
+    else:
+        raise ValueError(f"no eval data for {config.source!r}: set eval_split (a 'wds:PATTERN' of eval shards) or "
+                         f"num_eval_images to hold out")
+    images, labels = [], []
+    for name, members in shards.read_spans(names, spans):
+        data = shards.image_member(members, config.image_column)
+        if data is None:
+            raise ValueError(f"eval sample {name} has no {config.image_column!r} member (it has {sorted(members)})")
+        images.append({"bytes": data, "path": name})
+        if config.label_column:
+            if config.label_column not in members:
+                raise ValueError(f"eval sample {name} has no label member {config.label_column!r} ({sorted(members)})")
+            labels.append(shards.parse_label(members[config.label_column]))
+    columns: dict[str, Any] = {"image": images}
+    features = {"image": datasets.Image(decode=False)}
+    if config.label_column:
+        columns["label"], features["label"] = labels, datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), description
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """A shard sample's members -> {"image", "label"?, "key"} or a BadItem naming it (picklable for workers)."""
+
+    image_size: int
+    resize: int | None
+    random_crop: bool
+    hflip: bool
+    image_key: str
+    label_key: str | None
+    jpeg_draft: bool = True
+
+    def __call__(self, members: dict[str, bytes], name: str, seed: int) -> dict[str, Any] | BadItem:
+        data = shards.image_member(members, self.image_key)
+        if data is None:
+            return _bad(name, f"no {self.image_key!r} member (the sample has {sorted(members)})")
+        try:
+            draft = self.resize if self.jpeg_draft else None
+            pixels = resized_pixels(decode_image({"bytes": data}, draft), self.image_size, self.resize)
+            label = None
+            if self.label_key is not None:
+                if self.label_key not in members:
+                    return _bad(name, f"no label member {self.label_key!r} (the sample has {sorted(members)})")
+                label = shards.parse_label(members[self.label_key])
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...; a label may not be an int
+            return _bad(name, f"{type(err).__name__}: {err}")
+        item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed)),
+                "key": name}
+        if label is not None:
+            item["label"] = label
+        return item
+
+
+def _bad(name: str, error: str) -> BadItem:
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning("skipping unreadable sample %s: %s", name, error)
+    return BadItem(name, error)
+
+
+@dataclass(frozen=True)
+class CollateKeyed:
+    """CollateImages plus batch["keys"]: the names (shard:key) of the samples kept, in batch order."""
+
+    inner: CollateImages
+
+    def __call__(self, items: list[dict[str, Any] | BadItem]) -> dict[str, Any]:
+        batch = self.inner(items)
+        batch["keys"] = [item["key"] for item in items if not isinstance(item, BadItem)]
+        return batch
+
+
+def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed: int) -> shards.StreamLoader:
+    """This process's training stream of a "wds:" source (rank and world from Accelerate's state)."""
+    state = process_state()
+    names, _, train = _shard_layout(config)
+    make_item = ShardItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
+                          config.label_column, config.jpeg_draft)
+    stream = shards.ShardStream(
+        names, train, rank=state.process_index, world=state.num_processes, batch_size=batch_size,
+        workers=config.num_workers, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
+        make_item=make_item, collate=CollateKeyed(CollateImages(config.image_size, config.label_column is not None)),
+    )
+    layout = stream.layout
+    if layout.batches == 0:
+        raise ValueError(f"{config.source}: {layout.total} training samples make no batch of {batch_size} on each of "
+                         f"{layout.world} processes")
+    if layout.left_out and state.is_main_process:
+        logger.warning("%s: %d of %d samples per epoch are left out so that each of %d processes gets %d whole "
+                       "batches of %d (which ones changes with each epoch's shard order)", config.source,
+                       layout.left_out, layout.total, layout.world, layout.batches, batch_size)
+    return shards.StreamLoader(stream, config.num_workers, device=state.device,
+                               pin_memory=state.device.type == "cuda")

@@ -1,0 +1,165 @@
+"""Streamed hub datasets (`data.streaming: true`): rows read as they arrive, never downloaded whole first.
+
+A `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) is split over processes with
+`split_dataset_by_node` and shuffled with a (seed, epoch)-seeded shard order and buffer, so epoch e's
+rows on process r are a pure function of (seed, e, r). Its length is not known without reading it,
+and its ranks may hold a few rows more or less than each other, so the stream is endless: each
+process moves to its next epoch when its own rows run out (a last partial batch is left out and
+counted), and no process ever waits for a batch another does not have.
+
+Resume is exact without the buffer contents that `IterableDataset.state_dict()` cannot save: each
+process's position is (epoch, whole batches drawn in it), kept in the checkpoint's train state
+(`TrainState.stream_positions`, one per process). A resumed process rebuilds epoch e's order and
+skips the rows already drawn, raw (images are decoded after the skip, in a thread pool here, so
+DataLoader workers, which `datasets` would hand shards of their own, never change the order).
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from vqgan.data import (
+    BadItem,
+    DataConfig,
+    _bad,
+    _source_args,
+    crop_pixels,
+    decode_image,
+    process_state,
+    resized_pixels,
+)
+from vqgan.data.shards import _to_device, seed_of
+
+
+def open_stream(config: DataConfig, split: str) -> tuple[datasets.IterableDataset, str]:
+    """One split of `config.source` as an IterableDataset of {"image": {"bytes", "path"}, "label"?} rows."""
+    args, kwargs = _source_args(config)
+    try:
+        stream = datasets.load_dataset(*args, split=split, streaming=True, cache_dir=config.cache_dir, **kwargs)
+    except Exception as err:
+        raise RuntimeError(f"could not stream split {split!r} of {config.source!r}: {type(err).__name__}: {err}") from err
+    description = f"{config.source} [{split}, streamed]"
+    columns = [config.image_column] + ([config.label_column] if config.label_column else [])
+    names = stream.column_names or list(stream.features or {})
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{description} has no column {missing[0]!r}; its columns are {names}")
+    stream = stream.select_columns(columns)
+    stream = stream.cast_column(config.image_column, datasets.Image(decode=False))  # decoded by us: bad files skip
+    return stream, description
+
+
+def eval_rows(config: DataConfig) -> tuple[datasets.Dataset, str]:
+    """The eval rows of a streamed source in memory: the first num_eval_images of eval_split or held out of split."""
+    if config.eval_split is None and config.num_eval_images is None:
+        raise ValueError(f"no eval data for {config.source!r}: set eval_split (e.g. 'test') or num_eval_images to "
+                         f"hold out")
+    stream, description = open_stream(config, config.eval_split or config.split)
+    if config.num_eval_images is not None:
+        stream = stream.take(config.num_eval_images)
+    rows = list(stream)
+    if not rows:
+        raise ValueError(f"{description} has no images")
+    columns = {"image": [row[config.image_column] for row in rows]}
+    features = {"image": datasets.Image(decode=False)}
+    if config.label_column:
+        columns["label"] = [int(row[config.label_column]) for row in rows]
+        features["label"] = datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), description
+
+
+@dataclass(frozen=True)
+class RowItem:
+    """A streamed row -> {"image", "label"?, "key"} or a BadItem naming it."""
+
+    image_size: int
+    resize: int | None
+    random_crop: bool
+    hflip: bool
+    image_column: str
+    label_column: str | None
+    jpeg_draft: bool = True
+
+    def __call__(self, row: dict[str, Any], name: str, seed: int) -> dict[str, Any] | BadItem:
+        cell = row[self.image_column]
+        if cell.get("bytes") is None and cell.get("path"):
+            name = cell["path"]
+        try:
+            pixels = resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size,
+                                    self.resize)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
+            return _bad(name, f"{type(err).__name__}: {err}")
+        item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed)),
+                "key": name}
+        if self.label_column is not None:
+            item["label"] = int(row[self.label_column])
+        return item
+
+
+class HubStream:
+    """Endless batches of one process's share of a streamed dataset; `position` = [epoch, batches in it]."""
+
+    def __init__(self, stream: datasets.IterableDataset, description: str, *, rank: int, world: int,
+                 batch_size: int, seed: int, shuffle: bool, shuffle_buffer: int, skip_rows: int, max_rows: int | None,
+                 make_item: RowItem, collate, threads: int, device: torch.device | str = "cpu") -> None:
+        if skip_rows:
+            stream = stream.skip(skip_rows)  # the held-out eval rows come first
+        if max_rows is not None:
+            stream = stream.take(max_rows)
+        if shuffle:
+            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)  # shard order and buffer: seed + epoch
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        self.description, self.rank, self.world = description, rank, world
+        self.batch_size, self.seed, self.make_item, self.collate = batch_size, seed, make_item, collate
+        self.threads, self.device = max(1, threads), torch.device(device)
+        self.position = [0, 0]
+        self.left_out = 0  # rows of finished epochs that made no whole batch, this process
+
+    def seek(self, epoch: int, batches: int) -> None:
+        self.position = [int(epoch), int(batches)]
+
+    def _rows(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        self.stream.set_epoch(epoch)
+        # NOTE: not IterableDataset.skip(): it applies before the split by node (the split happens at
+        # iteration), so it would skip rows of every process. The rows skipped here are not decoded.
+        return itertools.islice(iter(self.stream), skip, None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with ThreadPoolExecutor(self.threads) as pool:
+            while True:
+                epoch, done = self.position
+                rows = self._rows(epoch, done * self.batch_size)
+                index = done * self.batch_size  # of the row in this process's epoch
+                while len(chunk := list(itertools.islice(rows, self.batch_size))) == self.batch_size:
+                    seeds = [seed_of(self.seed, epoch, self.rank, index + i) for i in range(len(chunk))]
+                    names = [f"{self.description} rank {self.rank} epoch {epoch} row {index + i}" for i in range(len(chunk))]
+                    items = list(pool.map(self.make_item, chunk, names, seeds))
+                    index += len(chunk)
+                    self.position = [epoch, self.position[1] + 1]
+                    yield _to_device(self.collate(items), self.device)
+                if self.position[1] == 0:
+                    raise ValueError(f"{self.description} gave process {self.rank} only {len(chunk)} rows in epoch "
+                                     f"{epoch}, fewer than batch_size={self.batch_size}")
+                self.left_out += len(chunk)
+                self.position = [epoch + 1, 0]
+
+
+def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: int, collate) -> HubStream:
+    state = process_state()
+    stream, description = open_stream(config, config.split)
+    held_out = config.num_eval_images if config.eval_split is None and config.num_eval_images else 0
+    make_item = RowItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
+                        config.label_column, config.jpeg_draft)
+    return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
+                     batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
+                     skip_rows=held_out, max_rows=config.max_images, make_item=make_item, collate=collate,
+                     threads=config.num_workers, device=state.device)
+
