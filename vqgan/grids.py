@@ -15,13 +15,9 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-from vqgan.utils import atomic_write_bytes
+from vqgan.utils import atomic_write_bytes, to_numpy
 
 MIN_CELL = 96  # pixels: the smallest readable cell on a screen
-
-
-def _as_numpy(array) -> np.ndarray:
-    return array.detach().float().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def render_image_grid(images, nrow: int = 8, captions: list[str] | None = None, min_cell: int = MIN_CELL,
@@ -30,7 +26,7 @@ def render_image_grid(images, nrow: int = 8, captions: list[str] | None = None, 
 
     Small images are enlarged by ceil(min_cell / min(H, W)) with nearest-neighbour resampling.
     """
-    images = _as_numpy(images)
+    images = to_numpy(images)
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images (N, 3, H, W), got {images.shape}")
     if images.min() < 0 or images.max() > 1:

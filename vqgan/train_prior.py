@@ -141,6 +141,20 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
 FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.", "maskgit.")
 
 
+def loss_figures(prior: str, bits: float, seq_len: int) -> dict[str, float]:
+    """The training loss in bits, named for what it is: MaskGIT's is the cross-entropy of masked tokens
+    given the rest, not a likelihood of the grid, so it gets no per-image figure."""
+    if prior == "maskgit":
+        return {"masked_ce_bits_per_token": bits}
+    return {"bits_per_token": bits, "bits_per_image": bits * seq_len}
+
+
+def loss_text(prior: str, bits: float, seq_len: int) -> str:
+    if prior == "maskgit":
+        return f"masked-token cross-entropy {bits:.3f} bits/token"
+    return f"train NLL {bits:.3f} bits/token = {bits * seq_len:.0f} bits/image"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_recipe_args(__doc__, argv)
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress.update(1)
         if due(step, loop.log_every, loop.steps):
             bits = float(accelerator.reduce(loss, reduction="mean")) / math.log(2)
-            logs = {"bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len, "lr": scheduler.get_last_lr()[0],
+            logs = {**loss_figures(config.prior, bits, model_cfg.seq_len), "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
@@ -228,11 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     progress.close()
     final = ema if ema is not None else raw_model
-    summary = {"step": state.step, "bits_per_token": bits, "bits_per_image": bits * model_cfg.seq_len,
-               "uniform_bits_per_token": uniform_bits, "nonfinite_steps": state.nonfinite_steps,
+    summary = {"step": state.step, **loss_figures(config.prior, bits, model_cfg.seq_len), "uniform_bits_per_token": uniform_bits, "nonfinite_steps": state.nonfinite_steps,
                "run_dir": str(run_dir)}
-    # MaskGIT's loss is the cross-entropy of masked tokens given the rest, not the grid's likelihood
-    loss_name = "masked-token cross-entropy" if config.prior == "maskgit" else "train NLL"
     if accelerator.is_main_process:
         prior_dir = save_prior(final, run_dir / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"],
                                                                "tokenizer": metadata.get("tokenizer", "")})
@@ -248,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         accelerator.print(
             "\n== done ==\n"
-            f"steps {state.step}, {loss_name} {bits:.3f} bits/token = {bits * model_cfg.seq_len:.0f} bits/image "
-            f"(uniform prior: {uniform_bits:.2f} bits/token)\nprior: {summary['prior']}\n"
+            f"steps {state.step}, {loss_text(config.prior, bits, model_cfg.seq_len)} (uniform prior: {uniform_bits:.2f} bits/token)\n"
+            f"prior: {summary['prior']}\n"
             f"samples: {summary.get('samples', 'none (no tokenizer to decode them)')}\n"
             f"tensorboard: tensorboard --logdir {run_dir}"
         )

@@ -103,3 +103,13 @@ def as_grid(grid: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid}")
     return pair
+
+
+def to_numpy(array) -> "np.ndarray":
+    """A tensor (any device, any float dtype) or array-like -> a NumPy array (bf16 goes through float32)."""
+    import numpy as np
+
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        return (array.float() if array.is_floating_point() else array).numpy()
+    return np.asarray(array)

@@ -30,16 +30,12 @@ from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
 from vqgan.metrics.image_metrics import psnr, ssim
 from vqgan.metrics.inception import load_inception
 from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne
+from vqgan.metrics.sources import float_to_uint8
 from vqgan.metrics.summary_page import write_summary_page
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.quantize_utils import perplexity
 from vqgan.tokenizer import VQTokenizer
 from vqgan.utils import atomic_write_text, images_from_model_range
-
-
-def to_uint8(images01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> uint8 rounded as a saved PNG would be, so rFID here equals rFID of written files."""
-    return (images01.clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8)
 
 
 def optional_lpips(weights: str | None, allow_download: bool) -> tuple[LPIPS | None, str]:
@@ -81,8 +77,8 @@ def evaluate(tokenizer: VQTokenizer, loader, lpips: LPIPS | None, inception, dev
         if lpips is not None:
             sums["lpips"] += float(lpips(recon * 2 - 1, images * 2 - 1, reduction="none").sum())
         if inception is not None:
-            real_stats.update(inception(to_uint8(images)))
-            fake_stats.update(inception(to_uint8(recon)))
+            real_stats.update(inception(float_to_uint8(images)))
+            fake_stats.update(inception(float_to_uint8(recon)))
         if len(examples) < 8:
             examples.extend(zip(images[: 8 - len(examples)].cpu(), recon.cpu()))
         seen += len(images)

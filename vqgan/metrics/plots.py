@@ -13,12 +13,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vqgan.grids import save_image_grid  # noqa: E402,F401  (re-export: grids moved to vqgan/grids.py)
+from vqgan.utils import to_numpy  # noqa: E402
 
 MAX_TSNE_CODES = 4096  # t-SNE is O(K log K) per iteration at best; beyond this it takes minutes on a CPU
-
-
-def _as_numpy(array) -> np.ndarray:
-    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def _check_counts(counts: np.ndarray, num_codes: int | None = None) -> None:
@@ -42,7 +39,7 @@ def plot_codebook_tsne(
     """t-SNE of code vectors (K, D), coloured by log usage frequency; dead codes (count 0) drawn as red x."""
     from sklearn.manifold import TSNE
 
-    codes, counts = _as_numpy(codebook).astype(np.float64), _as_numpy(counts).astype(np.float64)
+    codes, counts = to_numpy(codebook).astype(np.float64), to_numpy(counts).astype(np.float64)
     if codes.ndim != 2:
         raise ValueError(f"expected a codebook (K, D), got {codes.shape}")
     _check_counts(counts, codes.shape[0])
@@ -74,7 +71,7 @@ def plot_codebook_tsne(
 
 def plot_code_usage(counts, path: str | Path) -> Path:
     """Code frequencies sorted from most to least used, log scale; the title gives usage and perplexity."""
-    counts = _as_numpy(counts).astype(np.float64)
+    counts = to_numpy(counts).astype(np.float64)
     _check_counts(counts)
     total = counts.sum()
     if total <= 0:
