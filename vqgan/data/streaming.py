@@ -42,8 +42,8 @@ from vqgan.data import (
     process_state,
     resized_pixels,
 )
-from vqgan.errors import DataError
 from vqgan.data.shards import _to_device, seed_of
+from vqgan.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ class HubStream:
                                    shuffle_buffer=shuffle_buffer)
         # What the saved positions count in: a resume under other values would land on other rows.
         self.resume_layout = {"processes": world, "batch_size": batch_size, "shuffle": shuffle,
-                       "shuffle_buffer": shuffle_buffer if shuffle else 1, "skip_rows": rows.skip,
-                       "max_rows": rows.limit}
+                              "shuffle_buffer": shuffle_buffer if shuffle else 1, "skip_rows": rows.skip,
+                              "max_rows": rows.limit}
         self.description, self.rank, self.world = description, rank, world
         self.batch_size, self.seed, self.make_item, self.collate = batch_size, seed, make_item, collate
         self.threads, self.device = max(1, threads), torch.device(device)
@@ -192,13 +192,13 @@ class HubStream:
                     yield _to_device(self.collate(items), self.device)
                 if self.position[1] == 0:
                     raise DataError(f"{self.description} gave process {self.rank} only {len(chunk)} rows in epoch "
-                                     f"{epoch}, fewer than batch_size={self.batch_size}")
+                                    f"{epoch}, fewer than batch_size={self.batch_size}")
                 self.left_out += len(chunk)
                 if chunk:
                     log = logger.warning if self.left_out == len(chunk) else logger.info  # warned once, then noted
                     log("%s: process %d left out the last %d rows of epoch %d (fewer than batch_size=%d; "
-                                   "%d left out so far)", self.description, self.rank, len(chunk), epoch,
-                                   self.batch_size, self.left_out)
+                        "%d left out so far)", self.description, self.rank, len(chunk), epoch, self.batch_size,
+                        self.left_out)
                 self.position = [epoch + 1, 0]
 
 
