@@ -326,3 +326,25 @@ def test_inception_score_and_precision_recall_equal_torch_fidelity(assets, tmp_p
     assert ours["isc2"] == pytest.approx(isc["inception_score_mean"], rel=1e-4)
     assert ours["isc2_std"] == pytest.approx(isc["inception_score_std"], rel=1e-3, abs=1e-6)
     assert (ours["precision"], ours["recall"]) == (pytest.approx(prc["precision"]), pytest.approx(prc["recall"]))
+
+
+def test_data_mistakes_in_the_trainers_are_one_line(tmp_path, capsys):
+    """A folder without images, tokens of another codebook: the commands a user runs say so in one line."""
+    from vqgan.cli import train_prior
+    from vqgan.prior.data import save_token_dataset
+
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes")
+    assert train.main([f"{recipe}/quickstart.yaml", f"data.source={empty}", f"run_dir={tmp_path / 'run'}"]) == 2
+    line = one_error_line(capsys)
+    assert f"image folder {empty} holds no image files" in line, line
+
+    tokens = tmp_path / "tokens"  # K=16 tokens for the quickstart prior's K=256
+    save_token_dataset(tokens, torch.zeros(2, 8, 8, dtype=torch.long), None,
+                       {"num_codes": 16, "grid": [8, 8], "tokenizer_hash": "x"})
+    capsys.readouterr()  # the save's progress bar
+    assert train_prior.main([f"{recipe}/prior_quickstart.yaml", f"tokens.path={tokens}",
+                             f"run_dir={tmp_path / 'prior'}"]) == 2
+    assert "num_codes: dataset has K=16, prior expects K=256" in one_error_line(capsys)

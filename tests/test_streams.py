@@ -106,8 +106,7 @@ def test_shard_tool_resizes_reencodes_and_refuses_a_non_empty_folder(tmp_path, c
         names = tar.getnames()
         image = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
     assert all(name.endswith(".jpg") for name in names) and image.format == "JPEG" and min(image.size) == 64
-    with pytest.raises(SystemExit):
-        make_shards_main(["embedded", str(out), "--no-progress"])
+    assert make_shards_main(["embedded", str(out), "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
 
 
@@ -170,7 +169,7 @@ def test_patterns_that_match_nothing_or_miss_a_shard_are_errors_at_start(tmp_pat
         build_dataloader(stream_config(f"wds:{tmp_path}/nothing-*.tar"), "train", batch_size=2)
     with pytest.raises(ValueError, match="names no shards"):
         shards.expand_pattern("wds:")
-    with pytest.raises(FileNotFoundError, match="remote shards need an index.json"):
+    with pytest.raises(ValueError, match="set data.shard_index"):
         shards.shard_counts(["pipe:cat /nonexistent.tar"])
     with pytest.raises(ValueError, match="make no batch of 8"):
         build_dataloader(stream_config(source), "train", batch_size=8)
@@ -352,7 +351,7 @@ def test_a_streamed_dataset_resumes_from_its_position_exactly(tmp_path, no_shutd
 
 @pytest.mark.parametrize("files", [3, 4])  # split by rows (3 files for 2) or by files (4)
 def test_streamed_processes_read_disjoint_rows_and_resume_on_their_own(tmp_path, no_shutdown_sleep, files):
-    from vqgan.data.streaming import HubStream, RowItem, open_stream
+    from vqgan.data.streaming import HubStream, RowItem, open_stream, stream_rows
 
     root = parquet_dataset(tmp_path / "ds", files=files, rows_per_file=4)
     config = streamed_config(tmp_path, root)
@@ -360,7 +359,7 @@ def test_streamed_processes_read_disjoint_rows_and_resume_on_their_own(tmp_path,
     def hub(rank: int) -> HubStream:
         stream, description = open_stream(config, "train")
         return HubStream(stream, description, rank=rank, world=2, batch_size=2, seed=0, shuffle=True, shuffle_buffer=4,
-                         skip_rows=0, max_rows=None, make_item=RowItem(32, None, True, True, "img", "label"),
+                         rows=stream_rows(config, "train"), make_item=RowItem(32, None, True, True, "img", "label"),
                          collate=lambda items: {"labels": torch.tensor([i["label"] for i in items])}, threads=1)
 
     seen = []
@@ -445,3 +444,160 @@ def test_shards_stream_from_pipe_commands_and_a_failing_one_is_named(tmp_path):
     assert [key for _, key, _ in shards.read_samples(names[0], 1, 2)] == ["00001", "00002"]
     with pytest.raises(RuntimeError, match="cannot read shard pipe:cat /nonexistent.tar"):
         list(shards.read_samples("pipe:cat /nonexistent.tar", 0, 1))
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("files", [2, 3])  # 2 files for 2 processes: datasets would split them by file
+def test_streamed_hold_out_and_cap_are_rows_of_the_whole_stream_on_every_process(tmp_path, no_shutdown_sleep, files):
+    from vqgan.data.streaming import HubStream, RowItem, open_stream, stream_rows
+    from vqgan.prior.tokenize import _StreamedRows
+
+    root = parquet_dataset(tmp_path / "ds", files=files, rows_per_file=4)
+    config = streamed_config(tmp_path, root, num_eval_images=3, max_images=4)
+    held_out = build_dataset(config, "eval")
+    assert [held_out[i]["label"] for i in range(3)] == [0, 1, 2]
+
+    def hub(rank: int) -> HubStream:  # what build_hub_stream builds on process `rank` of 2
+        rows = stream_rows(config, "train")
+        stream, description = open_stream(config, rows.split)
+        return HubStream(stream, description, rank=rank, world=2, batch_size=2, seed=0, shuffle=True,
+                         shuffle_buffer=config.shuffle_buffer, rows=rows, make_item=RowItem(32, None, True, True, "img",
+                                                                                            "label"),
+                         collate=lambda items: {"labels": torch.tensor([i["label"] for i in items])}, threads=1)
+
+    trained = [sum(labels_of(itertools.islice(iter(hub(rank)), 1)), []) for rank in range(2)]
+    assert sorted(trained[0] + trained[1]) == [3, 4, 5, 6]  # rows 3..6: none held out, none dropped
+    for split, expected in (("eval", [0, 1, 2]), ("train", [3, 4, 5, 6])):  # tokenization picks the same rows
+        keyed = [(key, item["label"]) for rank in range(2) for key, item in _StreamedRows(config, split, 0, rank, 2)]
+        assert sorted(label for _, label in keyed) == expected
+        assert sorted(key for key, _ in keyed) == list(range(len(expected)))  # the row in the whole selection
+
+
+def test_tokenizing_the_eval_split_takes_the_eval_rows_training_uses(tmp_path):
+    from vqgan.prior.tokenize import _ShardRows, _StreamedRows
+
+    source = synthetic_shards(tmp_path / "shards", [3, 3])
+    eval_pattern = synthetic_shards(tmp_path / "eval", [2, 2])
+    config = stream_config(source, eval_split=eval_pattern, num_eval_images=3)
+    rows = _ShardRows(config, "eval", 0, 0, 1)
+    assert len(rows) == len(build_dataset(config, "eval")) == 3
+    root = parquet_dataset(tmp_path / "ds", files=1, rows_per_file=5)
+    streamed = streamed_config(tmp_path, root, eval_split="train", num_eval_images=2)
+    assert [item["label"] for _, item in _StreamedRows(streamed, "eval", 0, 0, 1)] == [0, 1]
+    held_out = build_dataset(streamed, "eval")
+    assert [held_out[i]["label"] for i in range(len(held_out))] == [0, 1]
+
+
+def test_shards_read_by_a_pipe_command_train_with_their_index(tmp_path):
+    source = synthetic_shards(tmp_path / "shards", [3, 3])
+    names = shards.expand_pattern(source)
+    (tmp_path / "index.json").write_text(json.dumps(
+        {"shards": [{"name": Path(n).name, "count": 3} for n in names]}))
+    assert shards.shard_file_name("pipe:aws s3 cp s3://bucket/train-0000.tar -") == "train-0000.tar"
+    piped = f"wds:pipe:cat {tmp_path}/shards/part-{{000..001}}.tar"
+    with pytest.raises(ValueError, match="set data.shard_index"):  # never an index "beside" a command
+        build_dataloader(stream_config(piped), "train", batch_size=2)
+    config = stream_config(piped, shard_index=str(tmp_path / "index.json"), num_eval_images=2)
+    keys = sum(keys_of(build_dataloader(config, "train", batch_size=2, shuffle=False)), [])
+    assert sorted(k.rsplit(":", 1)[1] for k in keys) == ["00002", "00003", "00004", "00005"]
+    assert len(build_dataset(config, "eval")) == 2
+
+
+def test_a_resume_under_another_stream_layout_is_refused_naming_the_change(tmp_path, no_shutdown_sleep):
+    from vqgan.errors import DataError
+    from vqgan.training.batches import record_stream_position
+
+    source = synthetic_shards(tmp_path / "shards", [4, 4, 4])
+    state = TrainState()
+    loader = build_dataloader(stream_config(source), "train", batch_size=3, seed=1)
+    next(resumable_batches(None, loader, state))
+    record_stream_position(None, loader, state)
+    saved = TrainState.from_dict(json.loads(json.dumps(state.to_dict())))  # as a checkpoint holds it
+    assert saved.stream_layout["batch_size"] == 3 and saved.stream_layout["samples"] == 12
+    next(resumable_batches(None, build_dataloader(stream_config(source), "train", batch_size=3, seed=1), saved))
+    for change, named in (({"shuffle_buffer": 2}, "shuffle_buffer 4 -> 2"), ({"num_workers": 2}, "workers 1 -> 2"),
+                          ({"max_images": 9}, "samples 12 -> 9")):
+        other = build_dataloader(stream_config(source, **change), "train", batch_size=3, seed=1)
+        with pytest.raises(DataError, match=named):
+            next(resumable_batches(None, other, saved))
+    with pytest.raises(DataError, match="batch_size 3 -> 2"):
+        next(resumable_batches(None, build_dataloader(stream_config(source), "train", batch_size=2), saved))
+
+    root = parquet_dataset(tmp_path / "ds", files=2, rows_per_file=4)
+    hub = build_dataloader(streamed_config(tmp_path, root), "train", batch_size=3, seed=0)
+    hub_state = TrainState(stream_layout=dict(hub.resume_layout), stream_positions=[[0, 1]])
+    with pytest.raises(DataError, match="batch_size 3 -> 2"):
+        next(resumable_batches(None, build_dataloader(streamed_config(tmp_path, root), "train", batch_size=2), hub_state))
+
+
+def test_a_streamed_epoch_logs_the_rows_it_leaves_out(tmp_path, no_shutdown_sleep, caplog):
+    root = parquet_dataset(tmp_path / "ds", files=1, rows_per_file=5)
+    stream = build_dataloader(streamed_config(tmp_path, root), "train", batch_size=2, seed=0)
+    with caplog.at_level("INFO", logger="vqgan.data.streaming"):
+        list(itertools.islice(iter(stream), 3))  # epoch 0: 2 batches, 1 row left out
+    assert stream.left_out == 1 and "left out the last 1 rows of epoch 0" in caplog.text
+
+
+def test_the_shard_tool_leaves_no_temporary_file_when_a_shard_fails(tmp_path, monkeypatch, capsys):
+    from vqgan.data import make_shards as tool
+
+    def broken(path, expected):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(tool, "verify_shard", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):  # a failure not of the user's making: traceback
+        make_shards_main(["embedded", str(tmp_path / "out"), "--shard-size", "4", "--no-progress"])
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+    (tmp_path / "out" / "stale.tar").write_bytes(b"")
+    with pytest.raises(FileExistsError):  # --debug: the exception itself
+        make_shards_main(["embedded", str(tmp_path / "out"), "--no-progress", "--debug"])
+
+
+HOLD_OUT_SCRIPT = """
+import json, sys
+import datasets
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from vqgan.data import DataConfig, build_dataloader, build_dataset
+from vqgan.prior.data import TokenGrids
+from vqgan.prior.tokenize import tokenize_dataset
+
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+accelerator = Accelerator()
+root, tokenizer, out = sys.argv[1:4]
+config = DataConfig(source=root, streaming=True, image_column="img", label_column="label", image_size=32,
+                    num_eval_images=3, cache_dir=out + "/c")
+held_out = build_dataset(config, "eval")
+loader = build_dataloader(config, "train", batch_size=2, seed=0)
+trained = next(iter(loader))["labels"].tolist()
+tokenize_dataset(accelerator, tokenizer, config, out + "/tokens_eval", "eval", batch_size=2)
+everything = gather_object([{"eval": [held_out[i]["label"] for i in range(len(held_out))], "train": trained}])
+if accelerator.is_main_process:
+    grids = TokenGrids(out + "/tokens_eval")
+    print("ROWS " + json.dumps({"ranks": everything, "tokens_eval": grids.labels[grids.order].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_hold_out_the_same_streamed_rows_with_an_even_file_count(tmp_path):
+    from vqgan.autoencoder import VQModel, preset
+    from vqgan.tokenizer import VQTokenizer
+
+    root = parquet_dataset(tmp_path / "ds", files=2, rows_per_file=4)  # 2 files, 2 processes: split by file
+    tokenizer = VQTokenizer.from_model(VQModel(preset("tiny")).eval()).save_pretrained(tmp_path / "tokenizer")
+    script = tmp_path / "hold_out.py"
+    script.write_text(HOLD_OUT_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29573", str(script), str(root), str(tokenizer), str(tmp_path)]
+    env = {**__import__("os").environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.split("ROWS ", 1)[1].splitlines()[0])
+    assert [rank["eval"] for rank in rows["ranks"]] == [[0, 1, 2], [0, 1, 2]]
+    assert rows["tokens_eval"] == [0, 1, 2]  # tokenizing --split eval on 2 processes: the same 3 rows
+    first, second = (rank["train"] for rank in rows["ranks"])
+    assert len(first) == len(second) == 2 and not set(first) & set(second)
+    assert set(first + second) <= {3, 4, 5, 6, 7}  # rows of the shuffled stream after the 3 held out

@@ -113,7 +113,7 @@ def run_probe(tokenizer_path: str, data: DataConfig, out_dir: str | Path, probe:
 
     from vqgan import train_prior
     from vqgan.cli import fid
-    from vqgan.prior.data import load_token_dataset, token_dataset_tensors
+    from vqgan.prior.data import TokenGrids
     from vqgan.prior.io import load_prior
     from vqgan.prior.tokenize import tokenize_dataset
     from vqgan.tokenizer import VQTokenizer
@@ -141,7 +141,7 @@ def run_probe(tokenizer_path: str, data: DataConfig, out_dir: str | Path, probe:
     eval_tokens = out_dir / "tokens_eval"
     tokenize_dataset(Accelerator(), tokenizer_path, data, eval_tokens, "eval", batch_size=64, seed=probe.seed)
     prior, _ = load_prior(prior_dir, device=str(state.device))
-    tokens, _ = token_dataset_tensors(load_token_dataset(eval_tokens)[0])
+    tokens = torch.from_numpy(TokenGrids(eval_tokens).tokens_in_order())  # memory-mapped, no Python lists
     bits = held_out_bits_per_token(prior, tokens)
 
     reference = out_dir / "reference_eval"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
+from vqgan.errors import DataError
 from vqgan.export import VQTokenizer
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, open_token_grids
@@ -130,9 +131,9 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
     check_token_dataset(metadata, model_cfg.num_codes, model_cfg.grid)
     if model_cfg.num_classes > 0:
         if labels is None:
-            raise ValueError(f"{config.prior}.num_classes={model_cfg.num_classes} but {tokens_cfg.path} has no labels")
+            raise DataError(f"{config.prior}.num_classes={model_cfg.num_classes} but {tokens_cfg.path} has no labels")
         if int(labels.max()) >= model_cfg.num_classes or int(labels.min()) < 0:
-            raise ValueError(f"labels of {tokens_cfg.path} span [{int(labels.min())}, {int(labels.max())}], "
+            raise DataError(f"labels of {tokens_cfg.path} span [{int(labels.min())}, {int(labels.max())}], "
                              f"outside [0, {model_cfg.num_classes})")
     return grids, labels, metadata
 

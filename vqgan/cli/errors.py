@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import yaml
 
+from vqgan.errors import DataError
+
 DEBUG_FLAG = "--debug"
 # The exceptions the library raises for bad input: ConfigError, ExportError and HubError are ValueErrors.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
@@ -34,9 +36,11 @@ def one_line(err: BaseException) -> str:
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-# What a trainer reports as a user's mistake: config and file problems. A ValueError deep inside a training
-# loop is more likely a bug than a typo, so it keeps its traceback there.
-TRAINING_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, yaml.YAMLError)
+# What a trainer reports as a user's mistake: config, file and data problems (DataError, raised where data
+# and token datasets are opened and checked). Any other ValueError deep inside a training loop is more
+# likely a bug than a typo, so it keeps its traceback there.
+TRAINING_USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, yaml.YAMLError,
+                                                          DataError)
 
 
 def run_command(body: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,

@@ -35,6 +35,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from vqgan.data import shards
+from vqgan.errors import DataError
 from vqgan.utils import atomic_write_text, images_to_model_range
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _open(image: dict[str, Any]) -> Image.Image:
         return Image.open(io.BytesIO(image["bytes"]))
     if image.get("path"):
         return Image.open(image["path"])
-    raise ValueError(f"image cell has neither bytes nor a path: {image!r}")
+    raise DataError(f"image cell has neither bytes nor a path: {image!r}")
 
 
 def decode_image(image: dict[str, Any], min_short_side: int | None = None) -> Image.Image:
@@ -375,7 +376,7 @@ def _load_source(config: DataConfig, source_split: str) -> tuple[datasets.Datase
                 if state.is_local_main_process and state.num_processes > 1:
                     atomic_write_text(pointer, json.dumps([f["filename"] for f in table.cache_files]))
     except Exception as err:  # no network, unknown name or split: say which source and split failed
-        raise RuntimeError(
+        raise DataError(
             f"could not load split {source_split!r} of {config.source!r}: {type(err).__name__}: {err}"
         ) from err
     return table, f"{config.source} [{source_split}]"
@@ -415,12 +416,12 @@ def _source_args(config: DataConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
         elif suffixes & set(ImageFolder.EXTENSIONS):
             args, kwargs = ("imagefolder",), {"data_dir": str(folder)}
         else:
-            raise ValueError(
+            raise DataError(
                 f"image folder {folder} holds no image files (looked for .png, .jpg, .webp, ... recursively) "
                 f"and no .parquet files"
             )
     elif config.source.startswith(("/", "./", "../", "~")):
-        raise ValueError(f"image folder {config.source!r} does not exist (a source that looks like a path must be one)")
+        raise DataError(f"image folder {config.source!r} does not exist (a source that looks like a path must be one)")
     return args, kwargs
 
 
@@ -444,7 +445,7 @@ def _subset(table: datasets.Dataset, split: str, config: DataConfig, description
     order = np.random.default_rng(0).permutation(len(table))  # fixed: the split must not move with the seed
     if config.source != "embedded" and config.eval_split is None and config.num_eval_images is not None:
         if config.num_eval_images >= len(table):
-            raise ValueError(
+            raise DataError(
                 f"num_eval_images={config.num_eval_images} held out of {description} would leave no training "
                 f"images: it has only {len(table)} rows"
             )
@@ -462,13 +463,13 @@ def _check_columns(table: datasets.Dataset, config: DataConfig, description: str
     columns = [config.image_column] + ([config.label_column] if config.label_column else [])
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{description} has no column {missing[0]!r}; its columns are {table.column_names}")
+        raise DataError(f"{description} has no column {missing[0]!r}; its columns are {table.column_names}")
     table = table.select_columns(columns)
     try:  # decode=False: we decode in __getitem__, where a bad file can be skipped
         return table.cast_column(config.image_column, datasets.Image(decode=False))
     except Exception as err:
         feature = table.features[config.image_column]
-        raise ValueError(f"{description} column {config.image_column!r} holds {feature}, not images: {err}") from err
+        raise DataError(f"{description} column {config.image_column!r} holds {feature}, not images: {err}") from err
 
 
 def _check_crop_fits(table: datasets.Dataset, column: str, size: int, description: str) -> None:
@@ -487,8 +488,8 @@ def _check_crop_fits(table: datasets.Dataset, column: str, size: int, descriptio
             return
         largest = max(largest, short)
     if readable == 0:
-        raise ValueError(f"none of the first {scanned} images of {description} could be read ({first_error})")
-    raise ValueError(
+        raise DataError(f"none of the first {scanned} images of {description} could be read ({first_error})")
+    raise DataError(
         f"image_size={size} is larger than every image of {description} scanned (largest shorter side: "
         f"{largest}px in {readable} readable of {scanned} scanned, of {len(table)}); set resize: {size} to scale "
         f"the shorter side up first, or lower image_size"
@@ -522,12 +523,12 @@ def build_dataset(config: DataConfig, split: str = "train", seed: int = 0) -> Im
     else:
         source_split = config.split if split == "train" or config.eval_split is None else config.eval_split
         if split == "eval" and config.eval_split is None and config.num_eval_images is None:
-            raise ValueError(
+            raise DataError(
                 f"no eval data for {config.source!r}: set eval_split (e.g. 'test') or num_eval_images to hold out"
             )
         table, description = _load_source(config, source_split)
     if len(table) == 0:
-        raise ValueError(f"{description} has no images")
+        raise DataError(f"{description} has no images")
     if shards.is_shard_source(config.source) or config.streaming:  # already the eval rows: {"image", "label"?}
         config = dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
     else:
@@ -579,7 +580,7 @@ def build_dataloader(
     dataset = build_dataset(config, split, seed=seed)
     drop_last = train if drop_last is None else drop_last
     if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"{dataset.description} has {len(dataset)} samples, fewer than batch_size={batch_size}")
+        raise DataError(f"{dataset.description} has {len(dataset)} samples, fewer than batch_size={batch_size}")
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -612,11 +613,12 @@ def _shard_layout(config: DataConfig) -> tuple[list[str], list[shards.Span], lis
     return names, held_out, train
 
 
-def _shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
-    """The eval rows of a "wds:" source in memory: num_eval_images held out of it, or of the eval_split pattern."""
+def shard_eval_spans(config: DataConfig) -> tuple[list[str], list[shards.Span], str]:
+    """(shard names, spans, description) of a "wds:" source's eval rows: num_eval_images held out of it, or
+    the first num_eval_images (all if None) of the eval_split pattern. Training's eval and tokenization use it."""
     if config.eval_split is not None:
         if not shards.is_shard_source(config.eval_split):
-            raise ValueError(f"eval_split of a shard source must be a 'wds:PATTERN' of eval shards, got "
+            raise DataError(f"eval_split of a shard source must be a 'wds:PATTERN' of eval shards, got "
                              f"{config.eval_split!r} (or leave it None and set num_eval_images to hold rows out)")
         names = shards.expand_pattern(config.eval_split)
         counts = shards.shard_counts(names)
@@ -627,17 +629,23 @@ def _shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
         names, spans, _ = _shard_layout(config)
         description = f"{config.source} [first {config.num_eval_images} held out]"
     else:
-        raise ValueError(f"no eval data for {config.source!r}: set eval_split (a 'wds:PATTERN' of eval shards) or "
+        raise DataError(f"no eval data for {config.source!r}: set eval_split (a 'wds:PATTERN' of eval shards) or "
                          f"num_eval_images to hold out")
+    return names, spans, description
+
+
+def _shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
+    """The eval rows of a "wds:" source in memory (`shard_eval_spans`)."""
+    names, spans, description = shard_eval_spans(config)
     images, labels = [], []
     for name, members in shards.read_spans(names, spans):
         data = shards.image_member(members, config.image_column)
         if data is None:
-            raise ValueError(f"eval sample {name} has no {config.image_column!r} member (it has {sorted(members)})")
+            raise DataError(f"eval sample {name} has no {config.image_column!r} member (it has {sorted(members)})")
         images.append({"bytes": data, "path": name})
         if config.label_column:
             if config.label_column not in members:
-                raise ValueError(f"eval sample {name} has no label member {config.label_column!r} ({sorted(members)})")
+                raise DataError(f"eval sample {name} has no label member {config.label_column!r} ({sorted(members)})")
             labels.append(shards.parse_label(members[config.label_column]))
     columns: dict[str, Any] = {"image": images}
     features = {"image": datasets.Image(decode=False)}
@@ -711,7 +719,7 @@ def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed:
     )
     layout = stream.layout
     if layout.batches == 0:
-        raise ValueError(f"{config.source}: {layout.total} training samples make no batch of {batch_size} on each of "
+        raise DataError(f"{config.source}: {layout.total} training samples make no batch of {batch_size} on each of "
                          f"{layout.world} processes")
     if layout.left_out and state.is_main_process:
         logger.warning("%s: %d of %d samples per epoch are left out so that each of %d processes gets %d whole "

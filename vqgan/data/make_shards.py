@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from vqgan.data.shards import INDEX_FILE, sample_key
+from vqgan.errors import DataError
 from vqgan.utils import atomic_write_text
 
 FORMATS = ("keep", "jpg", "png", "webp")
@@ -114,6 +115,14 @@ def write_shard(index: int, options: ShardOptions) -> dict[str, Any]:
     begin, end = index * options.shard_size, min((index + 1) * options.shard_size, len(table) * options.repeats)
     final = Path(options.out) / options.shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        return _write_shard(table, begin, end, final, tmp, options)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted shard leaves no temporary file behind
+        raise
+
+
+def _write_shard(table: Any, begin: int, end: int, final: Path, tmp: Path, options: ShardOptions) -> dict[str, Any]:
     skipped, count = [], 0
     encoded: dict[int, tuple[bytes, str]] = {}  # with repeats: each source row encoded once a shard
     with tarfile.open(tmp, "w") as tar:
@@ -158,7 +167,7 @@ def load_rows(source: str, split: str, image_column: str, label_column: str | No
     columns = [image_column] + ([label_column] if label_column else [])
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ValueError(f"{source} [{split}] has no column {missing[0]!r}; its columns are {table.column_names}")
+        raise DataError(f"{source} [{split}] has no column {missing[0]!r}; its columns are {table.column_names}")
     return table.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
 
 
@@ -183,7 +192,7 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
     out.mkdir(parents=True, exist_ok=True)
     table = load_rows(source, split, image_column, label_column, cache_dir)
     if len(table) == 0:
-        raise ValueError(f"{source} [{split}] has no rows")
+        raise DataError(f"{source} [{split}] has no rows")
     options = ShardOptions(str(out), shard_size, resize, format, quality, image_column, label_column, repeats)
     num_shards = -(-len(table) * repeats // shard_size)
     entries: dict[int, dict[str, Any]] = {}
@@ -203,7 +212,7 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
     written = [entries[i] for i in range(num_shards) if entries[i]["count"] > 0]
     skipped = [name for i in range(num_shards) for name in entries[i].pop("skipped")]
     if not written:
-        raise ValueError(f"no image of {source} [{split}] could be read ({len(skipped)} unreadable)")
+        raise DataError(f"no image of {source} [{split}] could be read ({len(skipped)} unreadable)")
     index = {"shards": written, "total": sum(e["count"] for e in written), "source": source, "split": split,
              "repeats": repeats,
              "label_key": "cls" if label_column else None, "resize": resize, "format": format,
@@ -224,8 +233,18 @@ def shard_pattern(out: Path, options: ShardOptions, written: list[dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vqgan-make-shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from vqgan.cli.errors import USER_ERRORS, run_command
+
+    # FileExistsError: a non-empty output folder. Anything else (a RuntimeError included) is a bug: traceback.
+    return run_command(_command, argv, (*USER_ERRORS, FileExistsError))
+
+
+def _command(argv: list[str]) -> int:
+    from vqgan.cli.errors import CommandParser, add_debug_flag
+
+    parser = CommandParser(prog="vqgan-make-shards", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(parser)
     parser.add_argument("source", help="embedded, a local image folder, or a hub dataset name")
     parser.add_argument("out", help="folder to write the shards and index.json into (new or empty)")
     parser.add_argument("--split", default="train")
@@ -242,13 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        index = make_shards(args.source, args.out, split=args.split, shard_size=args.shard_size, resize=args.resize,
-                            format=args.format, quality=args.quality, image_column=args.image_column,
-                            label_column=args.label_column, workers=args.workers, cache_dir=args.cache_dir,
-                            repeats=args.repeats, progress=not args.no_progress)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
-        parser.exit(2, f"vqgan-make-shards: error: {err}\n")
+    index = make_shards(args.source, args.out, split=args.split, shard_size=args.shard_size, resize=args.resize,
+                        format=args.format, quality=args.quality, image_column=args.image_column,
+                        label_column=args.label_column, workers=args.workers, cache_dir=args.cache_dir,
+                        repeats=args.repeats, progress=not args.no_progress)
     print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
           f"({len(index['skipped'])} unreadable files skipped)")
     print(f"train on them with: data.source=\"wds:{index['pattern']}\"")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vqgan.errors import DataError
 
 PREFIX = "wds:"
 INDEX_FILE = "index.json"
@@ -64,7 +67,7 @@ def expand_pattern(source: str) -> list[str]:
     """"wds:PATTERN" -> the shard names: braces expanded ({000..099}), local globs resolved, sorted, checked."""
     pattern = source[len(PREFIX):] if is_shard_source(source) else source
     if not pattern:
-        raise ValueError("data.source 'wds:' names no shards: give a pattern, e.g. wds:/data/train-{0000..0099}.tar")
+        raise DataError("data.source 'wds:' names no shards: give a pattern, e.g. wds:/data/train-{0000..0099}.tar")
     names: list[str] = []
     missing: list[str] = []
     for part in braceexpand.braceexpand(pattern):
@@ -84,12 +87,22 @@ def expand_pattern(source: str) -> list[str]:
     return sorted(dict.fromkeys(names))
 
 
+def shard_file_name(name: str) -> str:
+    """The shard's file name, as index.json lists it: "pipe:aws s3 cp s3://b/train-0000.tar -" -> "train-0000.tar"."""
+    if name.startswith("pipe:"):
+        found = re.findall(r"[^/\s]+\.tar\b", name)  # the last .tar named in the command
+        return found[-1] if found else name
+    return name.rsplit("/", 1)[-1]
+
+
 def _index_location(names: list[str], index: str | None) -> str | None:
     if index:
         return index
     first = names[0]
+    if first.startswith("pipe:"):
+        return None  # a command, not a place: nothing can be "beside" it (data.shard_index names the index)
     if _is_url(first):
-        return first.rsplit("/", 1)[0] + "/" + INDEX_FILE if "://" in first else None
+        return first.rsplit("/", 1)[0] + "/" + INDEX_FILE
     candidate = Path(first).parent / INDEX_FILE
     return str(candidate) if candidate.is_file() else None
 
@@ -106,7 +119,7 @@ def read_index(location: str) -> dict[str, int]:
     try:
         return {Path(entry["name"]).name: int(entry["count"]) for entry in data["shards"]}
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{location} is not a shard index (expected {{'shards': [{{'name', 'count'}}, ...]}})") from err
+        raise DataError(f"{location} is not a shard index (expected {{'shards': [{{'name', 'count'}}, ...]}})") from err
 
 
 def sample_key(member: str) -> tuple[str, str] | None:
@@ -143,9 +156,12 @@ def shard_counts(names: list[str], index: str | None = None) -> list[int]:
     known = read_index(location) if location else {}
     counts = []
     for name in names:
-        base = name.rsplit("/", 1)[-1]
+        base = shard_file_name(name)
         if base in known:
             counts.append(known[base])
+        elif name.startswith("pipe:") and not location:
+            raise DataError(f"shard {name} is read by a command: set data.shard_index to the index.json with the "
+                            f"shards' sample counts (vqgan-make-shards writes one; a path, URL or pipe: command)")
         elif _is_url(name):
             raise FileNotFoundError(
                 f"shard {name} is not in an index ({location or 'none found'}): remote shards need an index.json "
@@ -155,7 +171,7 @@ def shard_counts(names: list[str], index: str | None = None) -> list[int]:
             counts.append(count_samples(name))
     empty = [n for n, c in zip(names, counts) if c == 0]
     if empty:
-        raise ValueError(f"{len(empty)} shard(s) hold no samples: {empty[:5]}")
+        raise DataError(f"{len(empty)} shard(s) hold no samples: {empty[:5]}")
     return counts
 
 
@@ -350,6 +366,14 @@ class StreamLoader:
     def __len__(self) -> int:
         return len(self.stream)
 
+    @property
+    def resume_layout(self) -> dict[str, Any]:
+        """What a saved position (batches drawn) counts in: a resume under other values lands on other samples."""
+        stream, layout = self.stream, self.stream.layout
+        return {"processes": layout.world, "batch_size": layout.batch_size, "workers": layout.workers,
+                "shuffle": stream.shuffle, "shuffle_buffer": stream.shuffle_buffer if stream.shuffle else 1,
+                "samples": layout.total}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -371,7 +395,7 @@ def held_out_spans(counts: list[int], holdout: int) -> tuple[list[Span], list[Sp
     every = [Span(i, 0, c) for i, c in enumerate(counts)]
     total = sum(counts)
     if holdout >= total:
-        raise ValueError(f"num_eval_images={holdout} held out of {total} shard samples would leave none to train on")
+        raise DataError(f"num_eval_images={holdout} held out of {total} shard samples would leave none to train on")
     return take(every, 0, holdout), take(every, holdout, total - holdout)
 
 

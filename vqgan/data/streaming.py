@@ -4,8 +4,13 @@ A `datasets.IterableDataset` (`load_dataset(..., streaming=True)`) is split over
 `split_dataset_by_node` and shuffled with a (seed, epoch)-seeded shard order and buffer, so epoch e's
 rows on process r are a pure function of (seed, e, r). Its length is not known without reading it,
 and its ranks may hold a few rows more or less than each other, so the stream is endless: each
-process moves to its next epoch when its own rows run out (a last partial batch is left out and
-counted), and no process ever waits for a batch another does not have.
+process moves to its next epoch when its own rows run out (a last partial batch is left out,
+counted and logged), and no process ever waits for a batch another does not have.
+
+Held-out eval rows and `max_images` are rows of the WHOLE stream (the first num_eval_images, the next
+max_images), whatever the number of processes: `process_rows` then splits by example (process r of W
+keeps rows r, r + W, ... of the stream left), because datasets' split by files, its choice when the
+file count divides W, would apply a skip or take to each process's own files (W different eval sets).
 
 Resume is exact without the buffer contents that `IterableDataset.state_dict()` cannot save: each
 process's position is (epoch, whole batches drawn in it), kept in the checkpoint's train state
@@ -17,6 +22,7 @@ DataLoader workers, which `datasets` would hand shards of their own, never chang
 from __future__ import annotations
 
 import itertools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,6 +43,50 @@ from vqgan.data import (
     resized_pixels,
 )
 from vqgan.data.shards import _to_device, seed_of
+from vqgan.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamRows:
+    """Which rows of the whole stream of `split` make a run's train or eval data: [skip, skip + limit)."""
+
+    split: str
+    skip: int
+    limit: int | None
+
+
+def stream_rows(config: DataConfig, split: str) -> StreamRows:
+    """The rows of the train or eval data of a streamed source; training and tokenization both use these."""
+    held_out = config.num_eval_images if config.eval_split is None and config.num_eval_images else 0
+    if split == "train":
+        return StreamRows(config.split, held_out, config.max_images)
+    if config.eval_split is None and config.num_eval_images is None:
+        raise DataError(f"no eval data for {config.source!r}: set eval_split (e.g. 'test') or num_eval_images to "
+                        f"hold out")
+    return StreamRows(config.eval_split or config.split, 0, config.num_eval_images)
+
+
+def process_rows(stream: datasets.IterableDataset, rows: StreamRows, *, rank: int, world: int,
+                 shuffle_seed: int | None = None, shuffle_buffer: int = 1) -> datasets.IterableDataset:
+    """Process `rank`'s share of rows [skip, skip + limit) of `stream`, shuffled if a seed is given.
+
+    With a skip or a limit the split is by example (every process reads the stream, keeps every W-th
+    row), so the rows skipped and taken are the same rows of the whole stream on every process.
+    """
+    if rows.skip:
+        stream = stream.skip(rows.skip)  # the held-out eval rows come first
+    if rows.limit is not None:
+        stream = stream.take(rows.limit)
+    if shuffle_seed is not None:
+        stream = stream.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)  # shard order and buffer: seed + epoch
+    if world == 1:
+        return stream
+    # NOTE: not "auto": with a file count that divides W it splits by files, and a skip/take created before
+    # the split (split_when_sharding=True) would then skip and take per process, not of the whole stream.
+    strategy = "examples" if rows.skip or rows.limit is not None else "auto"
+    return split_dataset_by_node(stream, rank=rank, world_size=world, strategy=strategy)
 
 
 def open_stream(config: DataConfig, split: str) -> tuple[datasets.IterableDataset, str]:
@@ -45,13 +95,13 @@ def open_stream(config: DataConfig, split: str) -> tuple[datasets.IterableDatase
     try:
         stream = datasets.load_dataset(*args, split=split, streaming=True, cache_dir=config.cache_dir, **kwargs)
     except Exception as err:
-        raise RuntimeError(f"could not stream split {split!r} of {config.source!r}: {type(err).__name__}: {err}") from err
+        raise DataError(f"could not stream split {split!r} of {config.source!r}: {type(err).__name__}: {err}") from err
     description = f"{config.source} [{split}, streamed]"
     columns = [config.image_column] + ([config.label_column] if config.label_column else [])
     names = stream.column_names or list(stream.features or {})
     missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{description} has no column {missing[0]!r}; its columns are {names}")
+        raise DataError(f"{description} has no column {missing[0]!r}; its columns are {names}")
     stream = stream.select_columns(columns)
     stream = stream.cast_column(config.image_column, datasets.Image(decode=False))  # decoded by us: bad files skip
     return stream, description
@@ -59,15 +109,11 @@ def open_stream(config: DataConfig, split: str) -> tuple[datasets.IterableDatase
 
 def eval_rows(config: DataConfig) -> tuple[datasets.Dataset, str]:
     """The eval rows of a streamed source in memory: the first num_eval_images of eval_split or held out of split."""
-    if config.eval_split is None and config.num_eval_images is None:
-        raise ValueError(f"no eval data for {config.source!r}: set eval_split (e.g. 'test') or num_eval_images to "
-                         f"hold out")
-    stream, description = open_stream(config, config.eval_split or config.split)
-    if config.num_eval_images is not None:
-        stream = stream.take(config.num_eval_images)
-    rows = list(stream)
+    chosen = stream_rows(config, "eval")
+    stream, description = open_stream(config, chosen.split)
+    rows = list(process_rows(stream, chosen, rank=0, world=1))  # every process holds the whole eval set
     if not rows:
-        raise ValueError(f"{description} has no images")
+        raise DataError(f"{description} has no images")
     columns = {"image": [row[config.image_column] for row in rows]}
     features = {"image": datasets.Image(decode=False)}
     if config.label_column:
@@ -108,15 +154,14 @@ class HubStream:
     """Endless batches of one process's share of a streamed dataset; `position` = [epoch, batches in it]."""
 
     def __init__(self, stream: datasets.IterableDataset, description: str, *, rank: int, world: int,
-                 batch_size: int, seed: int, shuffle: bool, shuffle_buffer: int, skip_rows: int, max_rows: int | None,
+                 batch_size: int, seed: int, shuffle: bool, shuffle_buffer: int, rows: StreamRows,
                  make_item: RowItem, collate, threads: int, device: torch.device | str = "cpu") -> None:
-        if skip_rows:
-            stream = stream.skip(skip_rows)  # the held-out eval rows come first
-        if max_rows is not None:
-            stream = stream.take(max_rows)
-        if shuffle:
-            stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer)  # shard order and buffer: seed + epoch
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        self.stream = process_rows(stream, rows, rank=rank, world=world, shuffle_seed=seed if shuffle else None,
+                                   shuffle_buffer=shuffle_buffer)
+        # What the saved positions count in: a resume under other values would land on other rows.
+        self.resume_layout = {"processes": world, "batch_size": batch_size, "shuffle": shuffle,
+                              "shuffle_buffer": shuffle_buffer if shuffle else 1, "skip_rows": rows.skip,
+                              "max_rows": rows.limit}
         self.description, self.rank, self.world = description, rank, world
         self.batch_size, self.seed, self.make_item, self.collate = batch_size, seed, make_item, collate
         self.threads, self.device = max(1, threads), torch.device(device)
@@ -146,20 +191,25 @@ class HubStream:
                     self.position = [epoch, self.position[1] + 1]
                     yield _to_device(self.collate(items), self.device)
                 if self.position[1] == 0:
-                    raise ValueError(f"{self.description} gave process {self.rank} only {len(chunk)} rows in epoch "
-                                     f"{epoch}, fewer than batch_size={self.batch_size}")
+                    raise DataError(f"{self.description} gave process {self.rank} only {len(chunk)} rows in epoch "
+                                    f"{epoch}, fewer than batch_size={self.batch_size}")
                 self.left_out += len(chunk)
+                if chunk:
+                    log = logger.warning if self.left_out == len(chunk) else logger.info  # warned once, then noted
+                    log("%s: process %d left out the last %d rows of epoch %d (fewer than batch_size=%d; "
+                        "%d left out so far)", self.description, self.rank, len(chunk), epoch, self.batch_size,
+                        self.left_out)
                 self.position = [epoch + 1, 0]
 
 
 def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: int, collate) -> HubStream:
     state = process_state()
-    stream, description = open_stream(config, config.split)
-    held_out = config.num_eval_images if config.eval_split is None and config.num_eval_images else 0
+    rows = stream_rows(config, "train")
+    stream, description = open_stream(config, rows.split)
     make_item = RowItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
                         config.label_column, config.jpeg_draft)
     return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
                      batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
-                     skip_rows=held_out, max_rows=config.max_images, make_item=make_item, collate=collate,
+                     rows=rows, make_item=make_item, collate=collate,
                      threads=config.num_workers, device=state.device)
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vqgan.errors import DataError
 from vqgan.utils import atomic_write_text, replace_folder_atomically
 
 METADATA_FILE = "tokenizer.json"
@@ -32,17 +33,17 @@ METADATA_KEYS = ("num_codes", "grid", "tokenizer_hash")
 
 
 def check_token_dataset(metadata: dict[str, Any], num_codes: int, grid: Sequence[int]) -> None:
-    """Raise ValueError when the dataset's codebook size or grid differ from the prior's config."""
+    """Raise DataError (a ValueError) when the dataset's codebook size or grid differ from the prior's config."""
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
-        raise ValueError(f"token dataset metadata lacks {missing}; expected keys {list(METADATA_KEYS)}")
+        raise DataError(f"token dataset metadata lacks {missing}; expected keys {list(METADATA_KEYS)}")
     problems = []
     if int(metadata["num_codes"]) != num_codes:
         problems.append(f"num_codes: dataset has K={metadata['num_codes']}, prior expects K={num_codes}")
     if tuple(metadata["grid"]) != tuple(grid):
         problems.append(f"grid: dataset has {tuple(metadata['grid'])}, prior expects {tuple(grid)}")
     if problems:
-        raise ValueError(
+        raise DataError(
             "token dataset does not match the prior config (tokenizer "
             f"{metadata['tokenizer_hash']}): " + "; ".join(problems)
         )
@@ -183,7 +184,8 @@ class TokenGrids(Dataset):
 
     Nothing is read until indexed; `__getitems__` reads a whole batch with one fancy index per shard.
     Row i is the i-th in key order (source row, then its flipped copy), whatever the number of
-    processes that tokenized it.
+    processes that tokenized it; except for a streamed hub source that datasets split by files (no
+    hold-out or cap), whose keys are unique but whose order depends on it (vqgan.prior.tokenize).
     """
 
     def __init__(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:

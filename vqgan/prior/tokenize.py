@@ -3,7 +3,8 @@
 Each process encodes its share of the source (map-style rows `rank::world`; a stream's range of shards
 or rows; no padding, so no row is encoded twice at an uneven tail) and writes its own token shards; the
 main process writes the index with the tokenizer's identity and renames the folder into place. Rows
-carry their source key, so readers see them in source order whatever the number of processes.
+carry their source key, so readers see them in source order whatever the number of processes (streamed
+hub sources split by files, without a hold-out or cap: in an order that depends on it; see _StreamedRows).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from tqdm.auto import tqdm
 
 from vqgan.data import BadItem, DataConfig, build_dataset
+from vqgan.errors import DataError
 from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
 from vqgan.prior.data import finish_token_shards, write_token_shard
 from vqgan.utils import images_from_model_range, replace_folder_atomically
@@ -87,7 +89,7 @@ def check_tokenizer_fits_prior(tokenizer_path: str, data: DataConfig, num_codes:
                         f"tokens would have no labels: set tokens.data.label_column (e.g. label) or "
                         f"{prior}.num_classes=0")
     if problems:
-        raise ValueError("the tokenizer and tokens.data do not fit the prior: " + "; ".join(problems))
+        raise DataError("the tokenizer and tokens.data do not fit the prior: " + "; ".join(problems))
 
 
 @dataclass
@@ -120,14 +122,12 @@ class _ShardRows(IterableDataset):
     """A "wds:" source's samples [rank * n / world, (rank + 1) * n / world), split again over DataLoader workers."""
 
     def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
-        from vqgan.data import ShardItem, _shard_layout, shards
+        from vqgan.data import ShardItem, _shard_layout, shard_eval_spans
 
-        names, held_out, train = _shard_layout(data)
-        if split == "eval" and data.eval_split is not None:
-            names = shards.expand_pattern(data.eval_split)
-            spans = [shards.Span(i, 0, c) for i, c in enumerate(shards.shard_counts(names))]
+        if split == "eval":  # the very rows training evaluates on
+            names, spans, _ = shard_eval_spans(data)
         else:
-            spans = held_out if split == "eval" else train
+            names, _, spans = _shard_layout(data)
         total = sum(span.count for span in spans)
         self.begin, self.end = rank * total // world, (rank + 1) * total // world  # covers all, no overlap
         self.names, self.spans, self.seed = names, spans, seed
@@ -154,37 +154,42 @@ class _ShardRows(IterableDataset):
 
 
 class _StreamedRows(IterableDataset):
-    """A streamed hub source's rows for one process (split_dataset_by_node), keyed uniquely over processes."""
+    """A streamed hub source's rows for one process (`process_rows`), keyed by their row in the whole stream.
+
+    Decoded in a thread pool here, not in DataLoader workers: datasets would hand each worker files of its
+    own, and a skip or take would then apply per worker (see vqgan.data.streaming).
+    """
 
     def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
-        from datasets.distributed import split_dataset_by_node
+        from vqgan.data.streaming import RowItem, open_stream, process_rows, stream_rows
 
-        from vqgan.data.streaming import RowItem, open_stream
-
-        source_split = data.eval_split if split == "eval" and data.eval_split else data.split
-        stream, self.description = open_stream(data, source_split)
-        held_out = data.num_eval_images if data.eval_split is None and data.num_eval_images else 0
-        if split == "eval":
-            if not held_out and data.eval_split is None:
-                raise ValueError(f"no eval data for {data.source!r}: set eval_split or num_eval_images")
-            stream = stream.take(held_out) if held_out else stream
-        elif held_out:
-            stream = stream.skip(held_out)
-        if split == "train" and data.max_images is not None:
-            stream = stream.take(data.max_images)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world)
-        self.rank, self.world, self.seed = rank, world, seed
+        rows = stream_rows(data, split)  # the very rows training holds out (eval) or trains on
+        stream, self.description = open_stream(data, rows.split)
+        self.stream = process_rows(stream, rows, rank=rank, world=world)
+        # Split by example (a hold-out or a cap), process r holds rows r, r + W, ...: the key is the row in the
+        # whole stream. Split by files (datasets' choice when their count divides W) it is only unique, and
+        # the token order then depends on the number of processes.
+        self.by_example = world > 1 and (rows.skip > 0 or rows.limit is not None)
+        self.rank, self.world, self.seed, self.threads = rank, world, seed, max(1, data.num_workers)
         self.make_item = RowItem(data.image_size, data.resize, data.random_crop and split == "train",
                                  data.hflip and split == "train", data.image_column, data.label_column, data.jpeg_draft)
 
     def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        import itertools
+
         from vqgan.data.shards import seed_of
 
-        info = get_worker_info()  # datasets gives each DataLoader worker shards of its own
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for i, row in enumerate(self.stream):
-            key = ((i * workers + worker) * self.world) + self.rank
-            yield key, self.make_item(row, f"{self.description} rank {self.rank} row {i}", seed_of(self.seed, key))
+        rows = iter(self.stream)
+        with ThreadPoolExecutor(self.threads) as pool:
+            i = 0
+            while chunk := list(itertools.islice(rows, 8 * self.threads)):
+                keys = [(i + j) * self.world + self.rank for j in range(len(chunk))]
+                global_rows = self.by_example or self.world == 1
+                names = [f"{self.description} row {k}" if global_rows else f"{self.description} rank {self.rank} row {i + j}"
+                         for j, k in enumerate(keys)]
+                yield from zip(keys, pool.map(self.make_item, chunk, names, [seed_of(self.seed, k) for k in keys]))
+                i += len(chunk)
 
 
 def _rows_of(data: DataConfig, split: str, seed: int, rank: int, world: int):
@@ -224,7 +229,8 @@ def tokenize_dataset(
     device = accelerator.device
     tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=device)
     rows = _rows_of(data, split, seed, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=data.num_workers, collate_fn=_collate,
+    workers = 0 if isinstance(rows, _StreamedRows) else data.num_workers  # it decodes in threads of its own
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     h, w = tokenizer.grid_shape(data.image_size, data.image_size)
     out_path = Path(out_path).absolute()
@@ -276,7 +282,7 @@ def tokenize_dataset(
     if accelerator.is_main_process:
         try:
             if num_rows == 0:
-                raise ValueError(f"no image of {data.source} [{split}] could be tokenized ({len(skipped)} unreadable)")
+                raise DataError(f"no image of {data.source} [{split}] could be tokenized ({len(skipped)} unreadable)")
             finish_token_shards(partial, entries, metadata)
             replace_folder_atomically(out_path, lambda tmp: _move_contents(partial, tmp))
         except Exception as err:

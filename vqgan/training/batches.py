@@ -7,6 +7,7 @@ from typing import Any, Iterator
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from vqgan.errors import DataError
 from vqgan.training.state import TrainState
 
 
@@ -18,6 +19,7 @@ def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> It
     an uninterrupted run drew there. A stream (vqgan.data.shards.StreamLoader) starts at that batch
     itself: `loader.iterate(epoch, offset)`, without drawing the batches before it.
     """
+    check_stream_layout(loader, state)
     if hasattr(loader, "seek"):  # an endless stream that keeps its own position (vqgan.data.streaming)
         yield from _stream_batches(accelerator, loader, state)
         return
@@ -48,7 +50,24 @@ def _stream_batches(accelerator: Accelerator, loader, state: TrainState) -> Iter
         yield batch
 
 
+def check_stream_layout(loader, state: TrainState) -> None:
+    """Refuse to resume a stream under settings that lay its epochs out otherwise (the saved position
+    would land on other samples): the error names the changed setting, its saved and its new value."""
+    layout = getattr(loader, "resume_layout", None)
+    if not state.stream_layout or layout is None:
+        return  # a fresh run, a map-style loader, or a checkpoint from before layouts were saved
+    changed = [f"{key} {state.stream_layout.get(key)} -> {value}" for key, value in layout.items()
+               if state.stream_layout.get(key) != value]
+    if changed:
+        raise DataError(f"the checkpoint's data stream was laid out otherwise ({'; '.join(changed)}): a streamed "
+                        f"run resumes exactly only with the processes, train.batch_size, data.num_workers, "
+                        f"data.shuffle_buffer and data it was saved with; restore them or start a new run_dir")
+
+
 def record_stream_position(accelerator: Accelerator, loader, state: TrainState) -> None:
-    """Put every process's stream position into the state before a checkpoint (a collective; no-op for others)."""
+    """Put every process's stream position and the stream's layout into the state before a checkpoint
+    (a collective for an endless stream; no-op for map-style loaders)."""
     if hasattr(loader, "seek"):
         state.stream_positions = [list(p) for p in gather_object([list(loader.position)])]
+    if hasattr(loader, "resume_layout"):
+        state.stream_layout = dict(loader.resume_layout)

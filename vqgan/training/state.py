@@ -22,6 +22,8 @@ class TrainState:
     skipped_files: list[str] = field(default_factory=list)  # unreadable files met, all processes
     # [epoch, batches drawn in it] of each process's endless stream (data.streaming), where a resume restarts it
     stream_positions: list[list[int]] = field(default_factory=list)
+    # what those positions count in (processes, batch_size, workers, shuffle buffer, samples): a resume checks it
+    stream_layout: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
 
     def to_dict(self) -> dict[str, Any]:
