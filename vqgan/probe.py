@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vqgan.config import save_config, to_dict
 from vqgan.data import DataConfig
+from vqgan.prior.evaluate import nll_bits_per_token
 
 
 @dataclass(frozen=True)
@@ -71,19 +71,6 @@ def probe_recipe(tokenizer_path: str, data: DataConfig, out_dir: Path, probe: Pr
         "sampling": {"num_samples": min(16, probe.num_samples), "batch_size": 16, "temperature": probe.temperature,
                      "top_k": probe.top_k, "seed": probe.seed},
     }
-
-
-@torch.no_grad()
-def held_out_bits_per_token(prior: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean next-token cross-entropy of (N, h, w) token grids under `prior`, in bits per token."""
-    device = next(prior.parameters()).device
-    total, count = 0.0, 0
-    for grids in tokens.split(batch_size):
-        grids = grids.to(device)
-        logits = prior(grids, None)  # (B, K, h, w)
-        total += float(F.cross_entropy(logits.float(), grids, reduction="sum"))
-        count += grids.numel()
-    return total / count / math.log(2)
 
 
 def write_reference_images(data: DataConfig, folder: Path, batch_size: int = 64) -> int:
@@ -142,7 +129,7 @@ def run_probe(tokenizer_path: str, data: DataConfig, out_dir: str | Path, probe:
     tokenize_dataset(Accelerator(), tokenizer_path, data, eval_tokens, "eval", batch_size=64, seed=probe.seed)
     prior, _ = load_prior(prior_dir, device=str(state.device))
     tokens = torch.from_numpy(TokenGrids(eval_tokens).tokens_in_order())  # memory-mapped, no Python lists
-    bits = held_out_bits_per_token(prior, tokens)
+    bits = nll_bits_per_token(prior, tokens)
 
     reference = out_dir / "reference_eval"
     if state.is_main_process:
