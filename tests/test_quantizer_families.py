@@ -134,11 +134,11 @@ def test_fsq_output_is_the_nearest_grid_point_with_an_identity_gradient():
 # -- lfq ---------------------------------------------------------------------------------------------
 
 
-def test_lfq_bits_and_index_round_trip_most_significant_bit_first():
+def test_lfq_bits_and_index_round_trip_first_channel_least_significant():
     q = build_quantizer(QuantizerConfig(kind="lfq", num_codes=2**5, dim=5))
     assert q.config.lookup_dim == 5 and q.project_in is None
-    z = torch.tensor([[0.3, -1.0, 2.0, -0.1, 0.5]])
-    assert q.lookup(z).item() == 0b10101
+    z = torch.tensor([[0.3, 1.0, -2.0, -0.1, 0.5]])  # signs + + - - +
+    assert q.lookup(z).item() == 0b10011  # Open-MAGVIT2's order: channel i is bit i
     ids = torch.arange(32)
     assert torch.equal(q.search(q.codes_for(ids)), ids)
     assert set(q.codes_for(ids).unique().tolist()) == {-1.0, 1.0}
@@ -147,7 +147,7 @@ def test_lfq_bits_and_index_round_trip_most_significant_bit_first():
 def brute_force_entropies(h: torch.Tensor, temperature: float, groups: list[range]) -> tuple[float, float]:
     """Over every code of each group: softmax(-||h - c||^2 / T), per-sample and batch entropies."""
     per_sample, batch = 0.0, 0.0
-    full = torch.tensor(list(itertools.product([1.0, -1.0], repeat=h.shape[1])), dtype=torch.float64)
+    full = torch.tensor(list(itertools.product([1.0, -1.0], repeat=h.shape[1])), dtype=torch.float64)  # (2^b, b)
     p = torch.softmax(-(h.double()[:, None] - full[None]).square().sum(-1) / temperature, dim=1)  # (N, 2^b)
     per_sample = -(p * p.log()).sum(1).mean().item()
     for group in groups:

@@ -91,7 +91,8 @@ def lr_scaled_parameters(module: nn.Module) -> dict[int, float]:
         if table is None:
             continue
         for name, scale in table().items():
-            scales[id(sub.get_parameter(name))] = float(scale)
+            if scale != 1.0:  # at 1 a parameter stays in its decay group
+                scales[id(sub.get_parameter(name))] = float(scale)
     return scales
 
 

@@ -73,8 +73,10 @@ class QuantizerConfig:
     # vq/ibq/simvq on softmax(-dist / temperature) over at most chunk_size rows; lfq on its sign bits.
     entropy_weight: float = 0.0
     entropy_temperature: float = 1.0
-    # MAGVIT-v2 / MaskBit anneal the entropy weight: entropy_anneal_factor x entropy_weight at step 0,
-    # linearly down to entropy_weight at entropy_anneal_steps (0 = constant weight).
+    # Annealed entropy weight: entropy_anneal_factor x entropy_weight at step 0, linearly down to
+    # entropy_weight at entropy_anneal_steps (0 = constant). Open-MAGVIT2's `codebook_enlarge_ratio` r
+    # and `codebook_enlarge_steps` (vqperceptual.py: w * (1 + r * max(0, 1 - step / steps))) are
+    # entropy_anneal_factor = 1 + r and the same steps; its loss defaults are r = 3 over 2000 steps.
     entropy_anneal_steps: int = 0
     entropy_anneal_factor: float = 1.0
     # lfq: the batch ("codebook") entropy over 2^bits codes is the sum of exact entropies of groups of

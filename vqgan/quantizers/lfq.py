@@ -2,12 +2,13 @@
 arXiv:2310.05737, sec. 3.1; Open-MAGVIT2, Luo et al. 2024, arXiv:2409.04410).
 
 Each of the b = log2 K channels is quantized to its sign (+1 / -1) with a straight-through gradient;
-the index is the binary number of the signs (first channel = most significant bit, as Open-MAGVIT2).
+the index is the binary number of the signs, first channel = least significant bit (as Open-MAGVIT2's
+`2 ** arange(bits)` mask, so its indices and ours agree).
 The entropy penalty is E[H(q(z))] - H(E[q(z)]) with q the softmax of -||z - c||^2 / T over the 2^b
 codes c. That distribution factorises over bits (p_i(+1) = sigmoid(4 z_i / T)), so:
   - the per-sample entropy is the sum of b binary entropies (exact, O(N b));
   - the batch entropy is computed over groups of at most entropy_group_bits bits, each exactly over
-    its 2^g codes and summed (Open-MAGVIT2's factorisation; exact when b <= entropy_group_bits, an
+    its 2^g codes and summed (Open-MAGVIT2's token factorisation; exact when b <= entropy_group_bits, an
     upper bound otherwise). No (K, b) table exists at any point: a group's table is (2^g, g).
 """
 
@@ -24,9 +25,9 @@ from vqgan.quantizers.config import QuantizerConfig
 
 
 def code_bits(num_bits: int, device: torch.device) -> Tensor:
-    """(2^g, g) float 0/1 table of every g-bit code, most significant bit first."""
+    """(2^g, g) float 0/1 table of every g-bit code, column i = bit i."""
     codes = torch.arange(2**num_bits, device=device)
-    shifts = torch.arange(num_bits - 1, -1, -1, device=device)
+    shifts = torch.arange(num_bits, device=device)
     return ((codes.unsqueeze(1) >> shifts) & 1).float()
 
 
@@ -64,7 +65,7 @@ class LookupFreeQuantizer(Quantizer):
     def __init__(self, config: QuantizerConfig):
         super().__init__(config)
         bits = config.bits
-        self.register_buffer("powers", 2 ** torch.arange(bits - 1, -1, -1), persistent=False)  # (b,)
+        self.register_buffer("powers", 2 ** torch.arange(bits), persistent=False)  # (b,) channel i = bit i
 
     def search(self, h: Tensor) -> Tensor:
         return ((h > 0).long() * self.powers).sum(dim=1)
