@@ -9,8 +9,9 @@
 2. Large codebooks: K = 16384 (vq l2 low-dim, simvq, ibq) and 2^14 / 2^18 (lfq, fsq) on the same
    patches; codes used by real assignments over the last 65,536 training tokens (for 2^18 at most
    65,536 / 262,144 = 25 % can be, so its figure is also given over min(K, window)).
-3. (--tokenizer) a tiny f4 tokenizer per kind on 32 px crops of the embedded photos, L1 + quantizer loss,
-   held-out PSNR and codes used on the eval photos.
+3. Tokenizer: the `tiny` f4 preset (K = 256) per kind on 32 px crops of the embedded photos (shorter
+   side 96 px, as the quickstart), L1 + quantizer loss; held-out PSNR and codes used on crops of the
+   eval photos.
 
     .venv/bin/python benchmarks/quantizer_fidelity.py            # ~15 min on 2 cores
     .venv/bin/python benchmarks/quantizer_fidelity.py --quick    # ~1 min smoke run (numbers not comparable)
@@ -133,10 +134,12 @@ def evaluate(quantizer, held_out: torch.Tensor) -> tuple[float, float, float]:
 VQ_SETTINGS = {
     "vq plain (no k-means, no restarts: the old default)": dict(kmeans_init=False, dead_code_threshold=0),
     "vq k-means init only": dict(dead_code_threshold=0),
-    "vq k-means + restarts (random rows)": dict(restart_from="random"),
-    "vq k-means + restarts (error-weighted rows) [default]": dict(),
-    "vq k-means + restarts + affine (affine_lr 10) + sync_nu 0.2": dict(affine_reparam=True, sync_nu=0.2),
-    "vq k-means + restarts (threshold 10)": dict(dead_code_threshold=10),
+    "vq k-means + restarts every step (threshold 1, random rows)": dict(dead_code_threshold=1, restart_from="random"),
+    "vq k-means + restarts every step (threshold 1, error rows)": dict(dead_code_threshold=1),
+    "vq k-means + restarts (threshold 10, random rows)": dict(dead_code_threshold=10, restart_from="random"),
+    "vq k-means + restarts (threshold 10, error rows) [defaults]": dict(),
+    "vq defaults + affine (affine_lr 10) + sync_nu 0.2 (vqtorch's recipe)": dict(affine_reparam=True, sync_nu=0.2),
+    "vq k-means + restarts (threshold 50, error rows)": dict(dead_code_threshold=50),
 }
 
 
@@ -144,7 +147,8 @@ def kind_settings(k: int) -> dict[str, dict]:
     bits = k.bit_length() - 1
     return {
         "simvq": dict(kind="simvq"),
-        "ibq": dict(kind="ibq", dead_code_threshold=1),
+        "ibq (no restarts)": dict(kind="ibq", dead_code_threshold=0),
+        "ibq + restarts": dict(kind="ibq"),
         "fsq (levels %s)" % (QuantizerConfig(kind="fsq", num_codes=k, dim=48).levels,): dict(kind="fsq"),
         f"lfq ({bits} bits, entropy 0.1, T 0.01)": dict(kind="lfq", entropy_weight=0.1, entropy_temperature=0.01),
     }
@@ -192,6 +196,68 @@ def large_codebooks(args, pool, rows: list[str]) -> None:
         print(rows[-1], flush=True)
 
 
+def photo_tensors(names, resize: int) -> list[torch.Tensor]:
+    """Photos as (3, H, W) float in [-1, 1], shorter side resized to `resize` (as the quickstart)."""
+    from PIL import Image
+
+    from vqgan.data import resized_pixels
+
+    return [resized_pixels(Image.fromarray(photo(n)), resize, resize).float() / 127.5 - 1.0 for n in names]
+
+
+def random_crops(photos: list[torch.Tensor], count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    out = []
+    for _ in range(count):
+        x = photos[int(torch.randint(len(photos), (1,), generator=generator))]
+        top = int(torch.randint(x.shape[1] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(x.shape[2] - size + 1, (1,), generator=generator))
+        out.append(x[:, top : top + size, left : left + size])
+    return torch.stack(out)
+
+
+def tokenizer_test(args, rows: list[str]) -> None:
+    """The `tiny` preset (f4, K=256) per kind: L1 + quantizer loss on 32 px crops, held-out photos."""
+    from vqgan.autoencoder import VQModel, preset
+
+    train_photos = photo_tensors([n for n in EMBEDDED_PHOTOS if n not in EMBEDDED_EVAL], 96)
+    eval_photos = photo_tensors(EMBEDDED_EVAL, 96)
+    held_out = random_crops(eval_photos, 64, 32, torch.Generator().manual_seed(123))  # fixed held-out crops
+    settings = {
+        "vq (defaults: k-means init + restarts)": dict(kind="vq"),
+        "vq plain (no k-means, no restarts)": dict(kind="vq", kmeans_init=False, dead_code_threshold=0),
+        "vq l2 code_dim 8": dict(kind="vq", code_dim=8, l2_normalize=True),
+        "simvq": dict(kind="simvq"),
+        "ibq (entropy 0.05, T 0.01)": dict(kind="ibq", entropy_weight=0.05, entropy_temperature=0.01,
+                                           dead_code_threshold=0),
+        "fsq (8, 8, 4)": dict(kind="fsq"),
+        "lfq (8 bits, entropy 0.1, T 0.01)": dict(kind="lfq", entropy_weight=0.1, entropy_temperature=0.01),
+    }
+    base = preset("tiny")
+    for name, kw in settings.items():
+        torch.manual_seed(args.seed)
+        config = replace(base, quantizer=QuantizerConfig(num_codes=256, dim=base.quantizer.dim, **kw))
+        model = VQModel(config)
+        opt = build_optimizer(model, OptimConfig(lr=4e-4))
+        generator = torch.Generator().manual_seed(args.seed)
+        start = time.perf_counter()
+        for _ in range(args.tokenizer_steps):
+            x = random_crops(train_photos, 16, 32, generator)
+            recon, quant = model(x)
+            loss = (recon - x).abs().mean() + quant.loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        seconds = time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            ids = model.encode(held_out)
+            images = model.decode_indices(ids)
+        used = ids.unique().numel() / 256
+        value = 10.0 * math.log10(4.0 / F.mse_loss(images, held_out).item())  # images in [-1, 1]
+        rows.append(f"| {name} | {value:.2f} | {used:.1%} | {seconds:.0f} |")
+        print(rows[-1], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps, small pool: a smoke run")
@@ -202,12 +268,14 @@ def main() -> None:
     parser.add_argument("--lloyd-iters", type=int, default=300)
     parser.add_argument("--large-steps", type=int, default=100)
     parser.add_argument("--large-batch", type=int, default=8192)
-    parser.add_argument("--only", choices=["patches", "large"], default=None)
+    parser.add_argument("--tokenizer-steps", type=int, default=400)
+    parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pool, args.lloyd_iters, args.large_steps, args.large_batch = 60, 32768, 20, 10, 4096
+        args.tokenizer_steps = 10
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
@@ -239,6 +307,12 @@ def main() -> None:
                 "| --- | --- | --- | --- |"]
         large_codebooks(args, pool, rows)
         lines += [f"## Large codebooks ({args.large_steps} steps of {args.large_batch} patches)", "", *rows, ""]
+    if args.only in (None, "tokenizer"):
+        rows = [f"| tiny f4 tokenizer, K = 256 | held-out PSNR (dB) | codes used by 64 held-out crops "
+                "(4,096 tokens) | time (s) |", "| --- | --- | --- | --- |"]
+        tokenizer_test(args, rows)
+        lines += [f"## Tokenizer: `tiny` preset, {args.tokenizer_steps} Adam steps (lr 4e-4) of 16 crops of 32 px, "
+                  "L1 + quantizer loss (no GAN, no LPIPS)", "", *rows, ""]
     text = "\n".join(lines)
     print(text)
     out = Path(__file__).parent / "results" / ("quantizer_fidelity_quick.md" if args.quick else "quantizer_fidelity.md")

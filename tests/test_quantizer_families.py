@@ -264,6 +264,27 @@ def test_unknown_kind_and_options_a_kind_does_not_read_are_refused_with_the_vali
         assert from_dict(QuantizerConfig, to_dict(config)) == config
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_quickstart_recipe_takes_every_kind_on_the_command_line(kind):
+    from vqgan.train import load_train_config
+
+    config = load_train_config("recipes/quickstart.yaml", [f"model.quantizer.kind={kind}"])
+    assert config.model.quantizer.kind == kind and config.model.quantizer.num_codes == 256
+
+
+def test_lfq_and_ibq_recipes_follow_their_sources():
+    from vqgan.train import load_train_config
+
+    lfq = load_train_config("recipes/imagenet256_f16_lfq.yaml", [])
+    q = lfq.model.quantizer
+    assert (q.kind, q.num_codes, q.bits, q.lookup_dim, q.entropy_weight) == ("lfq", 2**18, 18, 18, 0.1)
+    assert q.entropy_temperature == 0.01 and q.entropy_anneal_factor == 4.0 and lfq.loss.lecam_weight == 0.05
+    assert lfq.model.autoencoder.z_channels == 18  # Open-MAGVIT2: no projection around the quantizer
+    ibq = load_train_config("recipes/imagenet256_f16_ibq.yaml", [])
+    q = ibq.model.quantizer
+    assert (q.kind, q.num_codes, q.lookup_dim, q.entropy_weight, q.dead_code_threshold) == ("ibq", 16384, 256, 0.05, 0)
+
+
 # -- ranks -------------------------------------------------------------------------------------------
 
 
