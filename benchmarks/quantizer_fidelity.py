@@ -156,6 +156,7 @@ def kind_settings(k: int) -> dict[str, dict]:
 
 def patch_test(args, pool, held_out, rows: list[str]) -> None:
     k = 1024
+    torch.manual_seed(args.seed)  # k-means++ draws from the global generator
     start = time.perf_counter()
     centres, iters = lloyd(pool, k, args.lloyd_iters)
     km_time = time.perf_counter() - start
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=262144, help="training patches (k-means runs on all)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--lloyd-iters", type=int, default=300)
-    parser.add_argument("--large-steps", type=int, default=100)
+    parser.add_argument("--large-steps", type=int, default=60)
     parser.add_argument("--large-batch", type=int, default=8192)
     parser.add_argument("--tokenizer-steps", type=int, default=400)
     parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None)
