@@ -18,8 +18,8 @@ the peak resident set size above the level before the call is read (reset throug
 
 The second table ("every kind") times one training forward+backward of each kind on N vectors of
 D = 256, beside the floor of a search over the same K codes in the kind's lookup width: one no-grad
-z @ e.T and argmin, unchunked (what any nearest-code method must at least pay; fsq and lfq have no
-such search, their floor is shown for scale). `--kinds-only` runs just that table.
+z @ e.T and argmin, in blocks of up to 2^28 elements (what any nearest-code method must at least pay;
+fsq and lfq have no such search, their floor is shown for scale). `--kinds-only` runs just that table.
 """
 
 from __future__ import annotations
@@ -109,13 +109,19 @@ def kind_config(index: int, args: argparse.Namespace) -> QuantizerConfig:
     return QuantizerConfig(dim=KIND_DIM, chunk_size=args.chunk_size, **KIND_CASES[index][1])
 
 
+FLOOR_BLOCK = 2**28  # elements of one (rows, K) block of the floor: 1 GiB in fp32 (2^18 codes: 1024 rows)
+
+
 def floor_step(z: torch.Tensor, codes: torch.Tensor) -> Callable[[], None]:
-    """No-grad search floor: ||e||^2 - 2 z.e over all K codes and its argmin, one matmul."""
+    """No-grad search floor: ||e||^2 - 2 z.e over all K codes and its argmin, one matmul per block of rows
+    (blocks of at most FLOOR_BLOCK elements: a whole (8192, 2^18) matrix would be 8 GiB)."""
     codes_sq = codes.square().sum(dim=1)
+    rows = max(1, min(z.shape[0], FLOOR_BLOCK // codes.shape[0]))
 
     @torch.no_grad()
     def step() -> None:
-        torch.addmm(codes_sq, z, codes.t(), alpha=-2.0).argmin(dim=1)
+        for start in range(0, z.shape[0], rows):
+            torch.addmm(codes_sq, z[start : start + rows], codes.t(), alpha=-2.0).argmin(dim=1)
 
     return step
 
