@@ -201,6 +201,8 @@ def large_codebooks(args, pool, rows: list[str]) -> None:
         "fsq 2^18": dict(kind="fsq", num_codes=2**18),
     }
     for name, kw in settings.items():
+        if any(word in name for word in args.large_skip):
+            continue
         config = QuantizerConfig(dim=48, usage_window=WINDOW, **kw)
         quantizer, out, seconds = train_quantizer(config, pool, args.large_steps, args.large_batch, args.large_lr,
                                                   args.seed)
@@ -284,6 +286,7 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=200)
     parser.add_argument("--large-batch", type=int, default=8192)
     parser.add_argument("--large-lr", type=float, default=1e-2)
+    parser.add_argument("--large-skip", nargs="*", default=[], help="skip large codebooks whose name has these words")
     parser.add_argument("--tokenizer-steps", type=int, default=400)
     parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -64,8 +64,10 @@ class QuantizerConfig:
     # restarts"); 0 = off. The reseed happens after the lookup: candidates are drawn from this batch's
     # rows and written before the next batch's lookup, so a restarted code is scored only on data it
     # was not copied from (the usage figure counts real assignments only).
-    # 10 measured best on the patch test (benchmarks/results/quantizer_fidelity.md): at 1, codes that are
-    # merely rare miss one batch and are thrown away (-0.7 dB), at 50 dead codes wait too long.
+    # 10 measured best on the patch test (benchmarks/results/quantizer_fidelity.md, K = 1024, 4096 tokens
+    # a step): at 1, codes that are merely rare miss one batch and are thrown away (-0.7 dB); 10 to 50
+    # measure the same. What counts is the tokens a code may go without: threshold x tokens per step
+    # ~ 40 to 200 x K there.
     dead_code_threshold: int = 10
     # Where the candidates come from: "error" draws rows with probability ~ their squared quantization
     # error (k-means++'s D^2 rule, Arthur & Vassilvitskii 2007): codes go where the codebook is worst.
