@@ -1,4 +1,5 @@
-"""Benchmark the vector quantizer's forward+backward against a naive search and a bare matmul.
+"""Benchmark the vector quantizer's forward+backward against a naive search and a bare matmul, and
+every quantizer kind at K = 16384 (and LFQ at 2^18) against a no-grad matmul + argmin floor.
 
 For N vectors and each (D, K) it times, forward+backward, (1) `VectorQuantizer` in training mode,
 (2) the naive quantizer whose search is a (N, 1, D) - (1, K, D) broadcast, squared and summed, and
@@ -14,6 +15,11 @@ tracked, so each method runs again in a child process with glibc's MALLOC_MMAP_T
 (every large buffer is its own mmap, returned on free, so resident memory follows live memory) and
 the peak resident set size above the level before the call is read (reset through
 /proc/self/clear_refs, read VmHWM). An analytic estimate of the dominant buffers sits beside it.
+
+The second table ("every kind") times one training forward+backward of each kind on N vectors of
+D = 256, beside the floor of a search over the same K codes in the kind's lookup width: one no-grad
+z @ e.T and argmin, in blocks of up to 2^28 elements (what any nearest-code method must at least pay;
+fsq and lfq have no such search, their floor is shown for scale). `--kinds-only` runs just that table.
 """
 
 from __future__ import annotations
@@ -31,12 +37,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from common import describe_machine, peak_extra_bytes, timed  # noqa: E402
-from vqgan.quantize import QuantizerConfig, VectorQuantizer  # noqa: E402
+from vqgan.quantize import QuantizerConfig, VectorQuantizer, build_quantizer  # noqa: E402
 from vqgan.quantize_utils import chunk_rows  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 
 CASES = ((256, 1024), (256, 16384), (8, 16384))  # (D, K)
 RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.md"
+KIND_DIM = 256  # D of the encoder output in the every-kind table
+# (label, QuantizerConfig options): every kind at K = 16384, LFQ also at 2^18 (Open-MAGVIT2's size)
+KIND_CASES = (
+    ("vq", dict(kind="vq", num_codes=16384)),
+    ("vq l2 code_dim 8", dict(kind="vq", num_codes=16384, code_dim=8, l2_normalize=True)),
+    ("simvq", dict(kind="simvq", num_codes=16384)),
+    ("ibq", dict(kind="ibq", num_codes=16384, entropy_weight=0.05)),
+    ("fsq 2^14", dict(kind="fsq", num_codes=2**14)),
+    ("lfq 2^14", dict(kind="lfq", num_codes=2**14, entropy_weight=0.1, entropy_temperature=0.01)),
+    ("lfq 2^18", dict(kind="lfq", num_codes=2**18, entropy_weight=0.1, entropy_temperature=0.01)),
+)
 
 
 def best_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -50,7 +67,10 @@ def quantizer_step(z: torch.Tensor, grad: torch.Tensor, quantizer: VectorQuantiz
         z.grad = None
         quantizer.zero_grad(set_to_none=True)
         out = quantizer(z)
-        torch.autograd.backward([out.quantized, out.loss], [grad, None])
+        if out.loss.requires_grad:
+            torch.autograd.backward([out.quantized, out.loss], [grad, None])
+        else:  # fsq: no loss terms
+            out.quantized.backward(grad)
 
     return step
 
@@ -85,10 +105,40 @@ def fmt_mb(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:,.0f} MB"
 
 
+def kind_config(index: int, args: argparse.Namespace) -> QuantizerConfig:
+    return QuantizerConfig(dim=KIND_DIM, chunk_size=args.chunk_size, **KIND_CASES[index][1])
+
+
+FLOOR_BLOCK = 2**28  # elements of one (rows, K) block of the floor: 1 GiB in fp32 (2^18 codes: 1024 rows)
+
+
+def floor_step(z: torch.Tensor, codes: torch.Tensor) -> Callable[[], None]:
+    """No-grad search floor: ||e||^2 - 2 z.e over all K codes and its argmin, one matmul per block of rows
+    (blocks of at most FLOOR_BLOCK elements: a whole (8192, 2^18) matrix would be 8 GiB)."""
+    codes_sq = codes.square().sum(dim=1)
+    rows = max(1, min(z.shape[0], FLOOR_BLOCK // codes.shape[0]))
+
+    @torch.no_grad()
+    def step() -> None:
+        for start in range(0, z.shape[0], rows):
+            torch.addmm(codes_sq, z[start : start + rows], codes.t(), alpha=-2.0).argmin(dim=1)
+
+    return step
+
+
 def build(method: str, dim: int, num_codes: int, n: int, args: argparse.Namespace) -> Callable[[], None]:
-    """Inputs and one forward+backward closure for `method` in ours / naive / matmul."""
+    """Inputs and one forward+backward closure for `method` in ours / naive / matmul / kind<i> / floor<i>."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
+    if method.startswith("kind"):
+        cfg = kind_config(int(method[4:]), args)
+        z = torch.randn(n, KIND_DIM, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(n, KIND_DIM, device=device, dtype=dtype)
+        return quantizer_step(z, grad, build_quantizer(cfg).to(device).train())
+    if method.startswith("floor"):
+        cfg = kind_config(int(method[5:]), args)
+        z = torch.randn(n, cfg.lookup_dim, device=device, dtype=torch.float32)
+        return floor_step(z, torch.randn(cfg.num_codes, cfg.lookup_dim, device=device))
     z = torch.randn(n, dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(n, dim, device=device, dtype=dtype)
     codes = torch.randn(num_codes, dim, device=device, dtype=dtype, requires_grad=True)
@@ -153,6 +203,27 @@ def table_rows(args: argparse.Namespace) -> list[str]:
     return rows
 
 
+def kind_rows(args: argparse.Namespace) -> list[str]:
+    """One markdown row per KIND_CASES entry: the kind's forward+backward beside the search floor."""
+    device, n = torch.device(args.device), args.n
+    times = {}
+    for _ in range(args.rounds):
+        for i in range(len(KIND_CASES)):
+            for method in (f"kind{i}", f"floor{i}"):
+                step = build(method, 0, 0, n, args)
+                times[method] = min(times.get(method, math.inf), best_time(step, device, args.repeats))
+                del step
+    rows = []
+    for i, (label, _) in enumerate(KIND_CASES):
+        cfg = kind_config(i, args)
+        t_kind, t_floor = times[f"kind{i}"], times[f"floor{i}"]
+        m_kind, m_floor = (measure_memory(m, 0, 0, n, args) for m in (f"kind{i}", f"floor{i}"))
+        rows.append(f"| {label} | {cfg.num_codes} | {cfg.lookup_dim} | {t_kind * 1e3:,.1f} | {t_floor * 1e3:,.1f} "
+                    f"| {t_kind / t_floor:.2f} | {fmt_mb(m_kind)} | {fmt_mb(m_floor)} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -165,6 +236,8 @@ def main() -> None:
                         help="one table per torch intra-op thread count (default: torch's)")
     parser.add_argument("--naive-budget-gb", type=float, default=2.0,
                         help="run the naive search at reduced N above this (N, K, D) size and scale")
+    parser.add_argument("--kinds-only", action="store_true", help="only the every-kind table")
+    parser.add_argument("--skip-kinds", action="store_true", help="only the vector-quantizer table")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--measure", nargs=4, metavar=("METHOD", "D", "K", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,18 +264,32 @@ def main() -> None:
     ]
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
-        rows = table_rows(args)
-        lines += [
-            "",
-            f"Machine: {describe_machine(device)}; 1-min load average {load_before:.1f} before this table, "
-            f"{os.getloadavg()[0]:.1f} after.",
-            "",
-            "| D | K | ours ms | naive broadcast ms | bare z@e.T fwd+bwd ms | ours / matmul | ours peak extra "
-            "| naive peak extra | matmul peak extra |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            *rows,
-        ]
+        if not args.kinds_only:
+            load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+            rows = table_rows(args)
+            lines += [
+                "",
+                f"Machine: {describe_machine(device)}; 1-min load average {load_before:.1f} before this table, "
+                f"{os.getloadavg()[0]:.1f} after.",
+                "",
+                "| D | K | ours ms | naive broadcast ms | bare z@e.T fwd+bwd ms | ours / matmul | ours peak extra "
+                "| naive peak extra | matmul peak extra |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                *rows,
+            ]
+        if not args.skip_kinds:
+            load_before = os.getloadavg()[0]
+            rows = kind_rows(args)
+            lines += [
+                "",
+                f"Every kind, D = {KIND_DIM}, N = {args.n}. Machine: {describe_machine(device)}; 1-min load average "
+                f"{load_before:.1f} before this table, {os.getloadavg()[0]:.1f} after.",
+                "",
+                "| kind | K | lookup width c | fwd+bwd ms | floor: no-grad z@e.T + argmin ms | kind / floor "
+                "| kind peak extra | floor peak extra |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                *rows,
+            ]
     table = "\n".join(lines) + "\n"
     print()
     print(table)

@@ -300,6 +300,17 @@ def test_missing_and_unexpected_weights_are_refused(saved, tmp_path):
         VQTokenizer.from_pretrained(folder)
 
 
+def test_a_folder_saved_before_restart_rows_existed_still_loads(tokenizer, saved, tmp_path):
+    """Folders exported before VQ kept restart candidates lack that training-only buffer; nothing else may be missing."""
+    state = load_file(str(saved / "model.safetensors"))
+    assert "quantizer.restart_rows" in state  # the default quantizer restarts dead codes
+    folder = copy_folder(saved, tmp_path / "old")
+    save_file({k: v for k, v in state.items() if k != "quantizer.restart_rows"}, str(folder / "model.safetensors"))
+    old = VQTokenizer.from_pretrained(folder)
+    x = images(4)
+    assert torch.equal(old.encode(x), tokenizer.encode(x))
+
+
 def test_missing_folders_and_files(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         VQTokenizer.from_pretrained(tmp_path / "nowhere")

@@ -23,10 +23,10 @@ from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
 
 
-def tiny_vqmodel() -> VQModel:
+def tiny_vqmodel(affine_lr: float = 10.0) -> VQModel:
     """tiny preset with a projected (Linear in/out), affine-reparametrised codebook: every parameter kind."""
     base = preset("tiny")
-    quantizer = dataclasses.replace(base.quantizer, code_dim=8, affine_reparam=True)
+    quantizer = dataclasses.replace(base.quantizer, code_dim=8, affine_reparam=True, affine_lr=affine_lr)
     return VQModel(VQModelConfig(base.autoencoder, quantizer))
 
 
@@ -114,7 +114,8 @@ def test_adamw_step_with_zero_gradients_shrinks_only_decayed_weights():
 
 
 def test_without_decay_it_is_adamw_in_two_groups_and_steps_exactly_like_adam():
-    model = tiny_vqmodel()
+    assert len(build_optimizer(tiny_vqmodel(), OptimConfig(lr=1e-3)).param_groups) == 3  # + the affine_lr group
+    model = tiny_vqmodel(affine_lr=1.0)  # at multiplier 1 the affine parameters stay in their group
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3))
     assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2  # a resume may turn decay on
     assert all(group["weight_decay"] == 0.0 for group in optimizer.param_groups)

@@ -20,6 +20,11 @@ def brute_force_indices(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return (z.double()[:, None, :] - codes.double()[None, :, :]).square().sum(-1).argmin(1)
 
 
+def hand_config(**options) -> QuantizerConfig:
+    """A config without the default k-means init and restarts, for tests that set the codes by hand."""
+    return QuantizerConfig(**{"kmeans_init": False, "dead_code_threshold": 0, **options})
+
+
 def set_codes(q: VectorQuantizer, codes: torch.Tensor) -> None:
     """Overwrite the raw codebook (and the EMA state that must agree with it)."""
     with torch.no_grad():
@@ -74,7 +79,7 @@ def test_nearest_code_equals_brute_force_chunked_or_not():
     expected = brute_force_indices(z, codes)
     for chunk in (1, 7, 64, 10_000):
         assert torch.equal(nearest_code(z, codes, chunk), expected)
-    q = VectorQuantizer(QuantizerConfig(num_codes=50, dim=16, chunk_size=7)).eval()
+    q = VectorQuantizer(hand_config(num_codes=50, dim=16, chunk_size=7)).eval()
     set_codes(q, codes)
     z4 = z.reshape(3, 10, 10, 16).permute(0, 3, 1, 2)  # (B, D, H, W)
     out = q(z4)
@@ -98,7 +103,7 @@ def test_search_is_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         naive = torch.addmm(codes.square().sum(1), z, codes.t(), alpha=-2.0)  # what autocast would do
     assert naive.dtype == torch.bfloat16 and not torch.equal(naive.argmin(1), expected)  # the test has teeth
-    q = VectorQuantizer(QuantizerConfig(num_codes=1024, dim=64)).eval()
+    q = VectorQuantizer(hand_config(num_codes=1024, dim=64)).eval()
     set_codes(q, codes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = q(z)
@@ -112,7 +117,7 @@ def test_search_is_fp32_under_bf16_autocast():
 
 
 def test_straight_through_gradient_is_identity():
-    q = VectorQuantizer(QuantizerConfig(num_codes=32, dim=8))
+    q = VectorQuantizer(hand_config(num_codes=32, dim=8))
     z = torch.randn(2, 8, 4, 4, requires_grad=True)
     out = q(z)
     grad = torch.randn_like(z)
@@ -124,7 +129,7 @@ def test_straight_through_gradient_is_identity():
 
 def test_codebook_and_commitment_losses_values_gradients_and_beta():
     beta = 0.3
-    q = VectorQuantizer(QuantizerConfig(num_codes=16, dim=4, beta=beta))
+    q = VectorQuantizer(hand_config(num_codes=16, dim=4, beta=beta))
     z = torch.randn(40, 4, requires_grad=True)
     out = q(z)
     e = q.weight.detach()[out.indices]  # (N, d)
@@ -150,7 +155,7 @@ def test_codebook_and_commitment_losses_values_gradients_and_beta():
 
 
 def test_entropy_penalty_matches_reference_on_a_bounded_subsample():
-    cfg = QuantizerConfig(num_codes=12, dim=3, entropy_weight=0.2, entropy_temperature=0.5, chunk_size=10)
+    cfg = hand_config(num_codes=12, dim=3, entropy_weight=0.2, entropy_temperature=0.5, chunk_size=10)
     q = VectorQuantizer(cfg)
     set_codes(q, torch.randn(12, 3))
     z = torch.randn(25, 3, requires_grad=True)
@@ -166,8 +171,8 @@ def test_entropy_penalty_matches_reference_on_a_bounded_subsample():
 
 
 def test_rotation_trick_value_and_gradient():
-    q = VectorQuantizer(QuantizerConfig(num_codes=16, dim=6, rotation_trick=True))
-    ste = VectorQuantizer(QuantizerConfig(num_codes=16, dim=6))
+    q = VectorQuantizer(hand_config(num_codes=16, dim=6, rotation_trick=True))
+    ste = VectorQuantizer(hand_config(num_codes=16, dim=6))
     ste.load_state_dict(q.state_dict())
     set_codes(q, torch.randn(16, 6))
     set_codes(ste, q.weight.detach())
@@ -196,7 +201,7 @@ def test_rotation_trick_value_and_gradient():
 
 
 def test_affine_reparam_moves_codebook_through_scale_and_shift():
-    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=4, affine_reparam=True))
+    q = VectorQuantizer(hand_config(num_codes=8, dim=4, affine_reparam=True))
     with torch.no_grad():
         q.affine_scale.copy_(torch.randn(4))
         q.affine_shift.copy_(torch.randn(4))
@@ -213,7 +218,7 @@ def test_affine_reparam_moves_codebook_through_scale_and_shift():
 
 def test_sync_update_sends_nu_times_task_gradient_to_the_codes():
     nu = 0.5
-    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=4, sync_nu=nu))
+    q = VectorQuantizer(hand_config(num_codes=8, dim=4, sync_nu=nu))
     z = torch.randn(30, 4, requires_grad=True)
     out = q(z)
     grad = torch.randn(30, 4)
@@ -228,7 +233,7 @@ def test_sync_update_sends_nu_times_task_gradient_to_the_codes():
 
 def test_ema_codebook_converges_to_cluster_means():
     means = torch.tensor([[-4.0, -4.0], [-4.0, 4.0], [4.0, -4.0], [4.0, 4.0]])
-    q = VectorQuantizer(QuantizerConfig(num_codes=4, dim=2, use_ema=True, ema_decay=0.8))
+    q = VectorQuantizer(hand_config(num_codes=4, dim=2, use_ema=True, ema_decay=0.8))
     assert "weight" in dict(q.named_buffers()) and not list(q.parameters())
     set_codes(q, means + torch.tensor([1.5, -1.0]))  # off-centre but on the right clusters
     for _ in range(60):
@@ -260,18 +265,52 @@ def test_spherical_kmeans_returns_unit_centres():
     assert torch.allclose(kmeans(x, 10, 3, 64, spherical=True).norm(dim=1), torch.ones(10))
 
 
-def test_dead_codes_are_restarted_from_current_encoder_outputs():
-    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=4, dead_code_threshold=2))
+def test_dead_codes_are_restarted_after_the_lookup_from_rows_they_are_not_scored_on():
+    q = VectorQuantizer(hand_config(num_codes=8, dim=4, dead_code_threshold=2, restart_from="random"))
     set_codes(q, torch.cat([torch.randn(4, 4) * 0.1, torch.full((4, 4), 100.0)]))  # codes 4..7 unreachable
-    for _ in range(2):
-        out = q(torch.randn(64, 4))
+    batches = [torch.randn(64, 4) for _ in range(3)]
+    for z in batches[:2]:
+        out = q(z)
         assert (out.indices < 4).all()
-    z = torch.randn(64, 4)
-    out = q(z)  # unused for 2 steps: reseeded from rows of this batch before the lookup
+    assert (q.weight.detach()[4:] == 100.0).all()  # dead for 2 steps, not yet rewritten
+    out = q(batches[2])  # restarted before this lookup, from rows of the PREVIOUS batch
     revived = q.weight.detach()[4:]
-    assert (revived[:, None, :] == z[None, :, :]).all(-1).any(1).all()  # each one is a row of z
-    assert set(range(4, 8)) <= set(out.indices.tolist())
-    assert out.usage == 1.0
+    assert (revived[:, None, :] == batches[1][None, :, :]).all(-1).any(1).all()
+    assert not (revived[:, None, :] == batches[2][None, :, :]).all(-1).any()
+    # usage counts the codes real assignments reached, not the restart itself
+    used = set(out.indices.tolist()) | set(range(4))
+    assert out.usage.item() == pytest.approx(len(used) / 8)
+
+
+def test_error_weighted_restarts_draw_only_rows_the_codebook_does_not_fit():
+    q = VectorQuantizer(hand_config(num_codes=4, dim=2, dead_code_threshold=1))
+    set_codes(q, torch.tensor([[0.0, 0.0], [1.0, 0.0], [50.0, 50.0], [60.0, 60.0]]))
+    fitted = torch.tensor([[0.0, 0.0], [1.0, 0.0]]).repeat(30, 1)  # zero error rows
+    outlier = torch.tensor([[-7.0, 3.0]])
+    q(torch.cat([fitted, outlier]))  # codes 2, 3 unused: candidates drawn after the lookup
+    q(torch.cat([fitted, outlier]))  # restarted: the first dead code from the only row with an error
+    assert torch.equal(q.weight.detach()[2], outlier[0])
+    assert (q.weight.detach()[3] == fitted).all(1).any()  # the next draw: any other row of the batch
+
+
+def test_affine_parameters_get_their_own_learning_rate_group_and_keep_it_on_resume():
+    from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), VectorQuantizer(QuantizerConfig(
+        num_codes=8, dim=4, affine_reparam=True, affine_lr=10.0)))
+    config = OptimConfig(lr=1e-3, weight_decay=0.1)
+    opt = build_optimizer(model, config)
+    quantizer = model[1]
+    groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(opt.param_groups) == 3
+    for p in (quantizer.affine_scale, quantizer.affine_shift):
+        assert groups[id(p)]["lr"] == pytest.approx(1e-2) and groups[id(p)]["weight_decay"] == 0.0
+    assert groups[id(quantizer.weight)]["lr"] == pytest.approx(1e-3)
+    sched = build_scheduler(opt, OptimConfig(lr=1e-3, warmup_steps=4), 10)
+    assert groups[id(quantizer.affine_scale)]["lr"] == pytest.approx(1e-2 / 4)  # the schedule scales it too
+    apply_config_after_resume(opt, sched, OptimConfig(lr=2e-3, warmup_steps=4))
+    assert groups[id(quantizer.affine_scale)]["lr"] == pytest.approx(2e-2 / 4)
+    assert groups[id(quantizer.weight)]["lr"] == pytest.approx(2e-3 / 4)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +326,7 @@ def test_dead_codes_are_restarted_from_current_encoder_outputs():
     ],
 )
 def test_eval_round_trip_through_indices_and_no_state_updates(options):
-    q = VectorQuantizer(QuantizerConfig(num_codes=16, dim=8, **options))
+    q = VectorQuantizer(hand_config(num_codes=16, dim=8, **options))
     opt = torch.optim.SGD(q.parameters(), lr=0.1) if list(q.parameters()) else None
     for _ in range(3):  # a few training steps so the codebook and projections are not at init
         out = q(torch.randn(2, 8, 4, 4))
@@ -321,7 +360,7 @@ def test_perplexity_of_hand_made_histograms():
 
 def test_usage_over_a_rolling_window_of_indices():
     codes = torch.arange(8.0)[:, None] * torch.ones(1, 3) * 10  # well separated
-    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=3, usage_window=64))
+    q = VectorQuantizer(hand_config(num_codes=8, dim=3, usage_window=64))
     set_codes(q, codes)
     out = q(codes.repeat(4, 1))  # 32 indices, every code 4 times
     assert out.perplexity.item() == pytest.approx(8) and out.usage == 1.0
@@ -346,9 +385,9 @@ def test_large_codebook_reaches_high_usage_with_kmeans_and_restarts():
 
     # The window covers the last 3 batches: fresh data only, not the k-means batch.
     base = dict(num_codes=16384, dim=8, l2_normalize=True, usage_window=3 * 16384)
-    plain = VectorQuantizer(QuantizerConfig(**base))
+    plain = VectorQuantizer(hand_config(**base))
     assert plain(batch()).usage < 0.2
-    q = VectorQuantizer(QuantizerConfig(**base, kmeans_init=True, kmeans_iters=1, dead_code_threshold=1))
+    q = VectorQuantizer(QuantizerConfig(**base, kmeans_iters=1))  # the defaults: k-means init, restarts
     q(batch(24576))  # k-means on the first batch
     for _ in range(3):
         out = q(batch())
@@ -359,7 +398,7 @@ def test_large_codebook_reaches_high_usage_with_kmeans_and_restarts():
 
 
 def test_bad_inputs_raise_clear_errors():
-    q = VectorQuantizer(QuantizerConfig(num_codes=8, dim=4))
+    q = VectorQuantizer(hand_config(num_codes=8, dim=4))
     with pytest.raises(ValueError, match=r"\(B, 4, H, W\) or \(N, 4\), got \(2, 4, 3\)"):
         q(torch.randn(2, 4, 3))
     with pytest.raises(ValueError, match="4 channels in dim 1, got 5"):

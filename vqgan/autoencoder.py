@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vqgan.config import ConfigError
-from vqgan.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from vqgan.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
 from vqgan.utils import count_parameters, format_count
 
 NUM_BINS = 256  # categorical output: one logit per 8-bit intensity value
@@ -272,7 +272,7 @@ class Decoder(nn.Module):
 
 
 class VQModel(nn.Module):
-    """Image tokenizer: encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> decoder."""
+    """Image tokenizer: encoder -> quant_conv -> quantizer (any kind) -> post_quant_conv -> decoder."""
 
     def __init__(self, config: VQModelConfig):
         super().__init__()
@@ -280,7 +280,7 @@ class VQModel(nn.Module):
         ae = config.autoencoder
         self.encoder = Encoder(ae)
         self.quant_conv = nn.Conv2d(ae.z_channels, config.quantizer.dim, 1)
-        self.quantizer = VectorQuantizer(config.quantizer)
+        self.quantizer = build_quantizer(config.quantizer)  # the module of quantizer.kind
         self.post_quant_conv = nn.Conv2d(config.quantizer.dim, ae.z_channels, 1)
         self.decoder = Decoder(ae)
         # Checking finiteness reads a flag back from the device (one host sync per call); a training
@@ -357,7 +357,7 @@ class VQModel(nn.Module):
         counts = ", ".join(f"{k} {format_count(v)}" for k, v in parts.items())
         return (
             f"VQModel {format_count(sum(parts.values()))} params ({counts}); f={self.downsample_factor}, "
-            f"{ae.resolution}px -> {side}x{side} = {side * side} tokens, K={q.num_codes}, output={ae.output}"
+            f"{ae.resolution}px -> {side}x{side} = {side * side} tokens, K={q.num_codes} ({q.kind}), output={ae.output}"
         )
 
     def _check_images(self, images: Tensor) -> None:

@@ -115,8 +115,14 @@ def check_pickle(path: Path) -> None:
         )
 
 
+# Buffers that only training reads (VQ's restart candidates, drawn after each lookup). Folders written
+# before they existed lack them; such a folder loads with the freshly built values, which inference never uses.
+TRAINING_ONLY_BUFFERS = ("restart_rows",)
+
+
 def load_state_dict_strict(module: nn.Module, path: str | Path) -> None:
-    """Load safetensors weights into `module`; missing, unexpected or misshapen tensors are an error."""
+    """Load safetensors weights into `module`; missing, unexpected or misshapen tensors are an error
+    (except a missing TRAINING_ONLY_BUFFERS entry)."""
     path = Path(path)
     check_pickle(path)
     try:
@@ -124,6 +130,9 @@ def load_state_dict_strict(module: nn.Module, path: str | Path) -> None:
     except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
         raise ExportError(f"{path}: not a readable safetensors file ({err})") from None
     own = module.state_dict()
+    for key in set(own) - set(state):
+        if key.rsplit(".", 1)[-1] in TRAINING_ONLY_BUFFERS:
+            state[key] = own[key]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -1,9 +1,10 @@
 """ONNX graphs of a VQTokenizer: `encoder.onnx` (images [0, 1] -> ids) and `decoder.onnx` (ids -> images).
 
 The graphs have a fixed image size and a dynamic batch axis. The training quantizer's chunked search
-writes into preallocated buffers (`out=`), which does not trace; here the nearest-code search is
-the plain form ||e||^2 - 2 z.e over all K codes followed by ArgMin, exact and small enough to export.
-The codebook (after affine reparametrisation and normalisation) is folded into a constant.
+writes into preallocated buffers (`out=`), which does not trace; here each kind's `export_search` is
+used: for vq / simvq the plain form ||e||^2 - 2 z.e over all K codes followed by ArgMin (ibq: ArgMax
+of z.e), exact and small enough to export; fsq and lfq compute the index arithmetically, so no
+K-sized tensor is in their graphs. A learned codebook is traced into constants.
 
 Uses the TorchScript exporter (`dynamo=False`): the torch.export-based default needs `onnxscript`,
 which the project does not depend on.
@@ -15,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -31,23 +31,17 @@ class EncodeToIds(nn.Module):
     def __init__(self, tokenizer: VQTokenizer):
         super().__init__()
         model = tokenizer.model
-        self.encoder, self.quant_conv, self.project_in = model.encoder, model.quant_conv, model.quantizer.project_in
-        self.l2_normalize = tokenizer.config.quantizer.l2_normalize
-        codes = tokenizer.codebook.float()  # (K, c)
-        self.register_buffer("codes_t", codes.t().contiguous())  # (c, K)
-        self.register_buffer("codes_sq", codes.square().sum(dim=1))  # (K,)
+        self.encoder, self.quant_conv, self.quantizer = model.encoder, model.quant_conv, model.quantizer
 
     def forward(self, images: Tensor) -> Tensor:
         z = self.quant_conv(self.encoder(images_to_model_range(images)))  # (B, D, h, w)
         b, _, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
-        if self.project_in is not None:
-            flat = self.project_in(flat)  # (N, c)
-        if self.l2_normalize:
-            flat = F.normalize(flat, dim=1)
-        # ||z||^2 is the same for every code of a row, so it cannot move the argmin (as nearest_code).
-        dist = self.codes_sq - 2.0 * (flat @ self.codes_t)  # (N, K)
-        return rearrange(dist.argmin(dim=1), "(b h w) -> b h w", b=b, h=h, w=w)
+        if self.quantizer.project_in is not None:
+            flat = self.quantizer.project_in(flat)  # (N, c)
+        # the kind's own search: argmin over K codes (vq, simvq), argmax z.e (ibq), arithmetic (fsq, lfq)
+        ids = self.quantizer.export_search(self.quantizer.prepare_rows(flat))  # (N,)
+        return rearrange(ids, "(b h w) -> b h w", b=b, h=h, w=w)
 
 
 class IdsToImages(nn.Module):
@@ -57,14 +51,13 @@ class IdsToImages(nn.Module):
         super().__init__()
         model = tokenizer.model
         self.model = model  # post_quant_conv, decoder and to_images are used as they are
-        self.project_out = model.quantizer.project_out
-        self.register_buffer("codes", tokenizer.codebook.float())  # (K, c)
+        self.quantizer = model.quantizer
 
     def forward(self, ids: Tensor) -> Tensor:
         b, h, w = ids.shape
-        codes = F.embedding(ids.reshape(-1), self.codes)  # (N, c)
-        if self.project_out is not None:
-            codes = self.project_out(codes)  # (N, D)
+        codes = self.quantizer.codes_for(ids.reshape(-1))  # (N, c)
+        if self.quantizer.project_out is not None:
+            codes = self.quantizer.project_out(codes)  # (N, D)
         z_q = rearrange(codes, "(b h w) d -> b d h w", b=b, h=h, w=w)  # (B, D, h, w)
         images = self.model.to_images(self.model.decode_latent(z_q))  # (B, 3, H, W) in [-1, 1]
         return images_from_model_range(images.float())

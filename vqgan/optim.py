@@ -82,15 +82,51 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
     ]
 
 
+def lr_scaled_parameters(module: nn.Module) -> dict[int, float]:
+    """id(parameter) -> lr multiplier, from every submodule's `param_lr_scales()` (the quantizer's affine
+    scale and shift learn at affine_lr x lr, as vqtorch's `affine_lr`)."""
+    scales: dict[int, float] = {}
+    for sub in module.modules():
+        table = getattr(sub, "param_lr_scales", None)
+        if table is None:
+            continue
+        for name, scale in table().items():
+            if scale != 1.0:  # at 1 a parameter stays in its decay group
+                scales[id(sub.get_parameter(name))] = float(scale)
+    return scales
+
+
+def split_lr_scaled(groups: list[dict[str, Any]], scales: dict[int, float], lr: float) -> list[dict[str, Any]]:
+    """Move lr-scaled parameters out of their group into one group per (weight decay, scale), after the rest.
+
+    Each extra group holds `lr_scale` and starts at lr * lr_scale; the schedule multiplies it as the others.
+    """
+    if not scales:
+        return groups
+    out, extra = [], {}
+    for group in groups:
+        keep = [p for p in group["params"] if id(p) not in scales]
+        for p in group["params"]:
+            if id(p) in scales:
+                key = (group["weight_decay"], scales[id(p)])
+                extra.setdefault(key, []).append(p)
+        out.append({**group, "params": keep})
+    for (decay, scale), params in extra.items():
+        out.append({"params": params, "weight_decay": decay, "lr_scale": scale, "lr": lr * scale})
+    return out
+
+
 def build_optimizer(model: nn.Module | Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over a module's two groups (weight_decay_groups: decay on the matrix weights only).
+    """AdamW over a module's two groups (weight_decay_groups: decay on the matrix weights only), plus one
+    group per lr multiplier a submodule asks for (`param_lr_scales`, e.g. the quantizer's affine_lr).
 
     Always the two groups and AdamW, also at weight_decay 0 (where AdamW's update is Adam's exactly), so
     a resumed run may change optim.weight_decay: the checkpoint's optimizer state keeps its shape.
     A bare iterable of parameters cannot be split: Adam, and refused with decay on.
     """
     if isinstance(model, nn.Module):
-        groups = weight_decay_groups(model, config.weight_decay)
+        groups = split_lr_scaled(weight_decay_groups(model, config.weight_decay), lr_scaled_parameters(model),
+                                 config.lr)
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     else:
         if config.weight_decay > 0:
@@ -127,10 +163,11 @@ def apply_config_after_resume(optimizer: torch.optim.Optimizer, scheduler, confi
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrappers
     schedule = getattr(scheduler, "scheduler", scheduler)
-    decays = [config.weight_decay, 0.0][: len(inner.param_groups)]
+    decays = [config.weight_decay] + [0.0] * (len(inner.param_groups) - 1)  # lr-scaled groups: no decay
     for group, decay in zip(inner.param_groups, decays):
-        group.update(betas=tuple(config.betas), weight_decay=decay, initial_lr=config.lr)
-    schedule.base_lrs = [config.lr] * len(inner.param_groups)
+        group.update(betas=tuple(config.betas), weight_decay=decay,
+                     initial_lr=config.lr * group.get("lr_scale", 1.0))
+    schedule.base_lrs = [group["initial_lr"] for group in inner.param_groups]
     lrs = [base * fn(schedule.last_epoch) for base, fn in zip(schedule.base_lrs, schedule.lr_lambdas)]
     for group, lr in zip(inner.param_groups, lrs):
         group["lr"] = lr

@@ -38,8 +38,10 @@ def chunk_rows(n: int, num_codes: int, dim: int, chunk_size: int, device: torch.
 
 
 @torch.no_grad()
-def nearest_code(z: Tensor, codes: Tensor, chunk_size: int) -> Tensor:
+def nearest_code(z: Tensor, codes: Tensor, chunk_size: int, inner_product: bool = False) -> Tensor:
     """(N, d), (K, d) -> (N,) long: index of the nearest code, exact, computed in fp32 chunks of rows.
+
+    inner_product: the code of largest z.e instead (IBQ's argmax of logits).
 
     The distance matrix never exists as a whole: each chunk of at most `chunk_size` rows (see
     `chunk_rows`) gets one fused addmm into a reused (rows, K) buffer, then its argmin, so extra
@@ -50,7 +52,7 @@ def nearest_code(z: Tensor, codes: Tensor, chunk_size: int) -> Tensor:
     with torch.autocast(device_type=z.device.type, enabled=False):
         z = z.float()
         codes = codes.float()
-        codes_sq = codes.square().sum(dim=1)  # (K,)
+        codes_sq = codes.new_zeros(codes.shape[0]) if inner_product else codes.square().sum(dim=1)  # (K,)
         codes_t = codes.t()  # (d, K)
         n = z.shape[0]
         out = torch.empty(n, dtype=torch.long, device=z.device)
@@ -134,10 +136,11 @@ def rotation_trick(z: Tensor, z_q: Tensor) -> Tensor:
     return z_q.detach() + (rotated - rotated.detach())
 
 
-def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int) -> Tensor:
+def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int, inner_product: bool = False) -> Tensor:
     """Mean per-sample entropy minus entropy of the batch-average code distribution (scalar).
 
-    Distributions are softmax(-||z - e||^2 / temperature) over the K codes. Minimising it makes each
+    Distributions are softmax(-||z - e||^2 / temperature) over the K codes (softmax(z.e / temperature)
+    with inner_product, as IBQ). Minimising it makes each
     assignment confident and the batch spread over the codebook (MAGVIT-v2, arXiv:2310.05737, sec. 3.1).
     At most `max_rows` evenly spaced rows are used, deterministic, so the (rows, K) matrix and its
     backward stay bounded by the chunk size whatever N is.
@@ -145,7 +148,8 @@ def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int)
     n = z.shape[0]
     if n > max_rows:
         z = z[torch.arange(max_rows, device=z.device) * n // max_rows]  # (max_rows, d)
-    log_p = F.log_softmax(-squared_distances(z, codes) / temperature, dim=1)  # (n, K)
+    logits = z @ codes.t() if inner_product else -squared_distances(z, codes)  # (n, K)
+    log_p = F.log_softmax(logits / temperature, dim=1)
     p = log_p.exp()
     per_sample = -(p * log_p).sum(dim=1).mean()
     avg = p.mean(dim=0)  # (K,)

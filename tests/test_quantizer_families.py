@@ -1,0 +1,394 @@
+"""Every quantizer kind (vq, fsq, lfq, ibq, simvq): its mathematics against brute force, the shared
+interface (exact rebuild from indices, fp32 under autocast, state round trip), bad configs, rank
+agreement, and a tiny end-to-end train + resume + export + ONNX per kind."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from vqgan.config import ConfigError, from_dict, to_dict
+from vqgan.quantize import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
+from vqgan.quantizers.ibq import soft_codes_chunked
+from vqgan.quantizers.lfq import lfq_entropy_terms
+
+
+def small_config(kind: str, **options) -> QuantizerConfig:
+    base = {"vq": {}, "simvq": {}, "ibq": {}, "fsq": {}, "lfq": {"entropy_weight": 0.1}}[kind]
+    return QuantizerConfig(kind=kind, num_codes=64, dim=8, **{**base, **options})
+
+
+def trained(kind: str, steps: int = 3, **options):
+    torch.manual_seed(0)
+    q = build_quantizer(small_config(kind, **options))
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = q(torch.randn(2, 8, 4, 4))
+        opt.zero_grad()
+        (out.loss + out.quantized.square().mean()).backward()
+        opt.step()
+    return q
+
+
+# -- the shared interface ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_output_is_rebuilt_exactly_from_indices_and_changes_no_state(kind):
+    q = trained(kind).eval()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    for z in (torch.randn(2, 8, 5, 3, requires_grad=True), torch.randn(7, 8)):
+        out = q(z)
+        assert isinstance(out, QuantizerOutput)
+        assert out.indices.shape == (z.shape[0], *z.shape[2:]) and out.indices.dtype == torch.long
+        assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 64
+        assert torch.equal(q.indices_to_codes(out.indices), out.quantized)
+        assert torch.equal(q.lookup(z), out.indices)
+        assert out.quantized.shape == z.shape
+        for name in ("loss", "codebook_loss", "commitment_loss", "entropy_loss", "perplexity", "usage"):
+            assert getattr(out, name).dim() == 0, name
+    for key, value in q.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # the codebook property agrees with indices_to_codes in the lookup space
+    ids = torch.arange(64)
+    assert torch.equal(q.codebook.detach(), q.codes_for(ids).detach())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip_and_fp32_under_bf16_autocast(kind):
+    q = trained(kind)
+    fresh = build_quantizer(q.config)
+    fresh.load_state_dict(q.state_dict())
+    z = torch.randn(3, 8, 4, 4)
+    q.eval(), fresh.eval()
+    assert torch.equal(q(z).quantized, fresh(z).quantized)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fresh(z.bfloat16())
+    assert torch.equal(out.indices, fresh(z.bfloat16().float()).indices)  # searched in fp32
+    assert out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_counts_real_assignments_into_usage(kind):
+    q = build_quantizer(small_config(kind, usage_window=10_000))
+    out = q(torch.randn(4, 8, 4, 4))
+    assert out.usage.item() == pytest.approx(out.indices.unique().numel() / 64)
+    assert int(q.seen) == 64 and int(q.step) == 1
+
+
+# -- fsq -------------------------------------------------------------------------------------------
+
+
+def test_fsq_levels_default_to_a_power_of_two_product_and_explicit_levels_are_checked():
+    for bits in range(1, 19):
+        levels = QuantizerConfig(kind="fsq", num_codes=2**bits, dim=8).levels
+        assert math.prod(levels) == 2**bits and all(level in (2, 4, 8) for level in levels)
+    assert QuantizerConfig(kind="fsq", num_codes=2**14, dim=8).levels == (8, 8, 8, 8, 4)
+    assert QuantizerConfig(kind="fsq", num_codes=1000, dim=8, fsq_levels=(8, 5, 5, 5)).lookup_dim == 4
+    with pytest.raises(ValueError, match=r"product of fsq_levels \(8, 5, 5\) = 200"):
+        QuantizerConfig(kind="fsq", num_codes=1000, dim=8, fsq_levels=(8, 5, 5))
+    with pytest.raises(ValueError, match="power of two"):
+        QuantizerConfig(kind="fsq", num_codes=1000, dim=8)
+
+
+def test_fsq_bound_gives_exactly_each_channels_levels_and_indices_round_trip():
+    q = build_quantizer(QuantizerConfig(kind="fsq", num_codes=8 * 5 * 4 * 3, dim=4, fsq_levels=(8, 5, 4, 3)))
+    sweep = torch.linspace(-20, 20, 4001)[:, None].repeat(1, 4)  # every channel over a wide range
+    rounded = torch.round(q.prepare_rows(sweep))
+    for channel, level in enumerate((8, 5, 4, 3)):
+        values = rounded[:, channel].unique()
+        assert values.numel() == level
+        assert values.min() == -(level // 2)  # the grid: -L//2 .. L//2 - (1 if L even)
+    ids = torch.arange(q.config.num_codes)
+    codes = q.codes_for(ids)  # (K, 4)
+    assert codes.unique(dim=0).shape[0] == q.config.num_codes  # K distinct grid points
+    assert torch.equal(q.search(codes * q.half_width), ids)  # code -> index -> code
+    # index = mixed-radix number of the digits, first channel lowest
+    digits = torch.tensor(list(itertools.product(range(3), range(4), range(5), range(8))))[:, [3, 2, 1, 0]]
+    brute = digits[:, 0] + 8 * digits[:, 1] + 40 * digits[:, 2] + 160 * digits[:, 3]
+    assert torch.equal(q.search((digits - torch.tensor([4, 2, 2, 1])).float()), brute)
+
+
+def test_fsq_output_is_the_nearest_grid_point_with_an_identity_gradient():
+    q = build_quantizer(QuantizerConfig(kind="fsq", num_codes=64, dim=3, fsq_levels=(4, 4, 4)))
+    z = torch.randn(50, 3, requires_grad=True)
+    out = q(z)
+    bounded = q.prepare_rows(z.detach()) / q.half_width  # the bounded point, in code units
+    grid = q.codebook  # (64, 3)
+    brute = (bounded[:, None] - grid[None]).square().sum(-1).argmin(1)
+    assert torch.equal(out.indices, brute)
+    weight = torch.randn(50, 3)
+    (out.quantized * weight).sum().backward()
+    z2 = z.detach().clone().requires_grad_()
+    (q.prepare_rows(z2) / q.half_width * weight).sum().backward()
+    assert torch.allclose(z.grad, z2.grad)
+    assert out.loss == 0
+
+
+# -- lfq ---------------------------------------------------------------------------------------------
+
+
+def test_lfq_bits_and_index_round_trip_first_channel_least_significant():
+    q = build_quantizer(QuantizerConfig(kind="lfq", num_codes=2**5, dim=5))
+    assert q.config.lookup_dim == 5 and q.project_in is None
+    z = torch.tensor([[0.3, 1.0, -2.0, -0.1, 0.5]])  # signs + + - - +
+    assert q.lookup(z).item() == 0b10011  # Open-MAGVIT2's order: channel i is bit i
+    ids = torch.arange(32)
+    assert torch.equal(q.search(q.codes_for(ids)), ids)
+    assert set(q.codes_for(ids).unique().tolist()) == {-1.0, 1.0}
+
+
+def brute_force_entropies(h: torch.Tensor, temperature: float, groups: list[range]) -> tuple[float, float]:
+    """Over every code of each group: softmax(-||h - c||^2 / T), per-sample and batch entropies."""
+    per_sample, batch = 0.0, 0.0
+    full = torch.tensor(list(itertools.product([1.0, -1.0], repeat=h.shape[1])), dtype=torch.float64)  # (2^b, b)
+    p = torch.softmax(-(h.double()[:, None] - full[None]).square().sum(-1) / temperature, dim=1)  # (N, 2^b)
+    per_sample = -(p * p.log()).sum(1).mean().item()
+    for group in groups:
+        codes = torch.tensor(list(itertools.product([1.0, -1.0], repeat=len(group))), dtype=torch.float64)
+        pg = torch.softmax(-(h.double()[:, None, group] - codes[None]).square().sum(-1) / temperature, dim=1)
+        avg = pg.mean(0)
+        batch += -(avg * avg.log()).sum().item()
+    return per_sample, batch
+
+
+@pytest.mark.parametrize("group_bits", [9, 3])
+def test_lfq_entropy_terms_equal_a_brute_force_over_all_codes(group_bits):
+    torch.manual_seed(0)
+    h = torch.randn(40, 6) * 0.7
+    per_sample, batch = lfq_entropy_terms(h, 0.8, group_bits, chunk_size=7)
+    groups = [range(s, min(6, s + group_bits)) for s in range(0, 6, group_bits)]
+    ref_sample, ref_batch = brute_force_entropies(h, 0.8, groups)
+    assert per_sample.item() == pytest.approx(ref_sample, rel=1e-5)
+    assert batch.item() == pytest.approx(ref_batch, rel=1e-5)  # exact at one group; the sum of groups at 3
+
+
+def test_lfq_at_2_to_18_codes_trains_without_a_codebook_table():
+    q = build_quantizer(QuantizerConfig(kind="lfq", num_codes=2**18, dim=18, entropy_weight=0.1,
+                                        entropy_temperature=0.01))
+    assert sum(t.numel() for t in q.state_dict().values()) < 4 * 2**18  # usage counters only: no (K, 18) table
+    z = torch.randn(256, 18, requires_grad=True)
+    out = q(z)
+    out.loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert int(out.indices.max()) < 2**18
+
+
+def test_entropy_weight_is_annealed_linearly_from_factor_times_weight():
+    q = build_quantizer(QuantizerConfig(kind="lfq", num_codes=16, dim=4, entropy_weight=0.1,
+                                        entropy_anneal_steps=10, entropy_anneal_factor=3.0))
+    assert q._entropy_weight().item() == pytest.approx(0.3)
+    q.step.fill_(5)
+    assert q._entropy_weight().item() == pytest.approx(0.2)
+    q.step.fill_(50)
+    assert q._entropy_weight().item() == pytest.approx(0.1)
+
+
+# -- ibq ---------------------------------------------------------------------------------------------
+
+
+def test_ibq_picks_the_largest_inner_product_and_its_gradient_reaches_unselected_codes():
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(kind="ibq", num_codes=64, dim=8, chunk_size=5))
+    with torch.no_grad():
+        q.weight.normal_()
+    z = torch.randn(20, 8, requires_grad=True)
+    out = q(z)
+    assert torch.equal(out.indices, (z.detach() @ q.weight.detach().t()).argmax(1))
+    assert torch.equal(out.quantized, q.weight.detach()[out.indices])  # value: the selected code, exactly
+    (out.quantized.square().sum() + out.loss).backward()
+    unselected = torch.ones(64, dtype=torch.bool)
+    unselected[out.indices] = False
+    assert unselected.sum() > 30 and (q.weight.grad[unselected].abs().sum(1) > 0).all()
+    assert z.grad.abs().sum() > 0
+
+
+def test_ibq_chunked_softmax_equals_the_unchunked_one_values_and_gradients():
+    h = torch.randn(23, 6, requires_grad=True)
+    codes = torch.randn(40, 6, requires_grad=True)
+    chunked = soft_codes_chunked(h, codes, chunk_size=4)
+    g = torch.randn(23, 6)
+    grads = torch.autograd.grad((chunked * g).sum(), (h, codes))
+    full = torch.softmax(h @ codes.t(), dim=1) @ codes
+    ref = torch.autograd.grad((full * g).sum(), (h, codes))
+    assert torch.allclose(chunked, full, atol=1e-6)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# -- simvq -------------------------------------------------------------------------------------------
+
+
+def test_simvq_codebook_is_frozen_and_only_its_linear_map_learns():
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(kind="simvq", num_codes=32, dim=8))
+    names = {name for name, _ in q.named_parameters()}
+    assert names == {"code_map.weight", "code_map.bias"}  # the random codes are a buffer
+    frozen, map_before = q.weight.clone(), q.code_map.weight.detach().clone()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for _ in range(3):
+        out = q(torch.randn(64, 8))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert torch.equal(q.weight, frozen)
+    assert not torch.equal(q.code_map.weight, map_before)
+    expected = frozen @ q.code_map.weight.t() + q.code_map.bias
+    assert torch.allclose(q.codebook, expected)
+
+
+# -- configs -----------------------------------------------------------------------------------------
+
+
+def test_unknown_kind_and_options_a_kind_does_not_read_are_refused_with_the_valid_values():
+    with pytest.raises(ValueError, match=r"kind must be one of \['vq', 'fsq', 'lfq', 'ibq', 'simvq'\]"):
+        QuantizerConfig(kind="rvq")
+    with pytest.raises(ConfigError, match=r"'rvq' is not one of \['vq', 'fsq', 'lfq', 'ibq', 'simvq'\]"):
+        from_dict(QuantizerConfig, {"kind": "rvq"})
+    with pytest.raises(ValueError, match=r"kind='lfq' needs num_codes = 2\^bits"):
+        QuantizerConfig(kind="lfq", num_codes=1000)
+    with pytest.raises(ValueError, match=r"kind='fsq' does not read \['use_ema'\]"):
+        QuantizerConfig(kind="fsq", num_codes=256, use_ema=True)
+    with pytest.raises(ValueError, match=r"kind='simvq' does not read \['affine_reparam'\]"):
+        QuantizerConfig(kind="simvq", affine_reparam=True)
+    with pytest.raises(ValueError, match=r"kind='lfq' does not read \['code_dim'\]"):
+        QuantizerConfig(kind="lfq", num_codes=256, code_dim=8)
+    for kind in KINDS:  # and each kind's config survives the to_dict / from_dict round trip
+        config = small_config(kind)
+        assert from_dict(QuantizerConfig, to_dict(config)) == config
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_quickstart_recipe_takes_every_kind_on_the_command_line(kind):
+    from vqgan.train import load_train_config
+
+    config = load_train_config("recipes/quickstart.yaml", [f"model.quantizer.kind={kind}"])
+    assert config.model.quantizer.kind == kind and config.model.quantizer.num_codes == 256
+
+
+def test_lfq_and_ibq_recipes_follow_their_sources():
+    from vqgan.train import load_train_config
+
+    lfq = load_train_config("recipes/imagenet256_f16_lfq.yaml", [])
+    q = lfq.model.quantizer
+    assert (q.kind, q.num_codes, q.bits, q.lookup_dim, q.entropy_weight) == ("lfq", 2**18, 18, 18, 0.1)
+    assert q.entropy_temperature == 0.01 and q.entropy_anneal_factor == 4.0 and lfq.loss.lecam_weight == 0.05
+    assert lfq.model.autoencoder.z_channels == 18  # Open-MAGVIT2: no projection around the quantizer
+    ibq = load_train_config("recipes/imagenet256_f16_ibq.yaml", [])
+    q = ibq.model.quantizer
+    assert (q.kind, q.num_codes, q.lookup_dim, q.entropy_weight, q.dead_code_threshold) == ("ibq", 16384, 256, 0.05, 0)
+
+
+# -- ranks -------------------------------------------------------------------------------------------
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for kind in KINDS:
+            torch.manual_seed(100 + rank)  # different initial codebooks and data on each rank
+            q = build_quantizer(small_config(kind, chunk_size=16))
+            for _ in range(4):
+                out = q(torch.randn(2 + rank, 8, 3, 3) * (1 + rank) + rank)
+            results[kind] = {"state": q.state_dict(), "usage": out.usage}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_kind_keeps_identical_state_on_two_processes(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for kind in KINDS:
+        a, b = rank0[kind], rank1[kind]
+        for key in a["state"]:
+            if key.startswith("project_"):
+                continue  # projections are ordinary parameters: DDP's job, not the quantizer's
+            assert torch.equal(a["state"][key], b["state"][key]), (kind, key)
+        assert torch.equal(a["usage"], b["usage"])
+        assert int(a["state"]["seen"]) == 4 * (2 + 3) * 9, kind  # indices of both ranks counted
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, tmp_path):
+    """The quickstart's tiny model with `model.quantizer.kind=<kind>` on the command line: 4 steps
+    straight == 2 steps, a lost checkpoint, a resume; the exported tokenizer loads and its ONNX graphs
+    give the same ids and images."""
+    import shutil
+
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import load_file
+
+    import yaml
+
+    from vqgan.export import VQTokenizer
+    from vqgan.train import main
+
+    def run(path, *overrides):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return main([str(path), f"model.quantizer.kind={kind}", *overrides])
+
+    def recipe(name: str):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "run_dir": str(tmp_path / name),
+            "model": {"preset": "tiny", "quantizer": {"num_codes": 64}},
+            "discriminator": {"base_channels": 16, "num_layers": 2, "norm": "group"},
+            "loss": {"perceptual_weight": 0.0, "disc_start": 1},
+            "data": {"image_size": 32, "resize": 64, "embedded_repeats": 2, "num_eval_images": 1},
+            "optim": {"schedule": "cosine", "warmup_steps": 1},
+            "train": {"steps": 4, "batch_size": 4, "log_every": 1, "image_every": 2, "eval_every": 2,
+                      "checkpoint_every": 2, "keep_checkpoints": 5, "tracker": "none", "progress_bar": False,
+                      "mixed_precision": "no", "export_with_checkpoint": False},
+        }))
+        return path
+
+    straight, resumed = recipe("straight"), recipe("resumed")
+    try:
+        summary = run(straight)
+        assert summary["step"] == 4 and summary["nonfinite_steps"] == 0
+        run(resumed)
+        final = tmp_path / "resumed" / "checkpoints" / "checkpoint-0000004"
+        shutil.rmtree(final)
+        run(resumed)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004" / "generator.safetensors")
+    b = load_file(final / "generator.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+
+    tokenizer = VQTokenizer.from_pretrained(tmp_path / "straight" / "tokenizer")
+    assert tokenizer.config.quantizer.kind == kind
+    images = torch.rand(3, 3, 32, 32)
+    ids = tokenizer.encode(images)
+    assert ids.shape == (3, 8, 8) and int(ids.max()) < tokenizer.num_codes
+    decoded = tokenizer.decode(ids)
+    assert decoded.shape == (3, 3, 32, 32)
+    ort = pytest.importorskip("onnxruntime")
+    from vqgan.onnx_export import export_onnx
+
+    (tmp_path / "onnx").mkdir()
+    encoder_path, decoder_path = export_onnx(tokenizer, tmp_path / "onnx", (32, 32))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    encoder = ort.InferenceSession(str(encoder_path), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(decoder_path), options, providers=["CPUExecutionProvider"])
+    assert (encoder.run(None, {"images": images.numpy()})[0] == ids.numpy()).all()
+    assert abs(decoder.run(None, {"ids": ids.numpy()})[0] - decoded.numpy()).max() <= 1e-4
