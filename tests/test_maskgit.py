@@ -361,3 +361,24 @@ def test_fid_prior_source_samples_a_maskgit_prior(tmp_path, monkeypatch):
     batches = list(prior_samples(str(prior_dir), 0, 1, options, torch.device("cpu")))
     assert [b.shape[0] for b in batches] == [4, 1] and batches[0].dtype == torch.uint8
     assert batches[0].shape[1:] == (3, 16, 16)  # 4x4 tokens, f=4
+
+
+def test_a_damaged_prior_folder_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vqgan.folder_format import ExportError
+
+    folder = save_prior(tiny_maskgit(), tmp_path / "prior")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "head.weight"}, str(folder / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"missing keys: head\.weight"):
+        load_prior(folder)
+    save_file({**state, "head.weight": torch.zeros(3, 16)}, str(folder / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"head\.weight has shape \(3, 16\).*\(6, 16\)"):
+        load_prior(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExportError, match="not a readable safetensors file"):
+        load_prior(folder)
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ExportError, match="config.json: not valid JSON"):
+        load_prior(folder)

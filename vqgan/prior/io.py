@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vqgan.config import from_dict, to_dict
+from vqgan.folder_format import ExportError, load_state_dict_strict
 from vqgan.prior.maskgit import MaskGITConfig, MaskGITPrior
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
@@ -56,7 +57,10 @@ def load_prior(directory: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a prior folder "
                                     "(expected config.json and model.safetensors, as train_prior writes)")
-    meta = json.loads(config_path.read_text())
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{config_path}: not valid JSON ({err})") from None
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{config_path} has format version {meta['format_version']}, newer than this "
                          f"vqgan's {FORMAT_VERSION}: upgrade vqgan")
@@ -64,5 +68,5 @@ def load_prior(directory: str | Path, device: str = "cpu") -> tuple[nn.Module, d
     if kind not in PRIORS:
         raise ValueError(f"{config_path}: unknown prior kind {kind!r}; expected one of {sorted(PRIORS)}")
     model = build_prior(kind, from_dict(PRIORS[kind][0], meta["config"]))
-    model.load_state_dict(load_file(weights_path, device=device))
+    load_state_dict_strict(model, weights_path)  # missing, unexpected or misshapen tensors: a clear error
     return model.to(device).eval(), meta
