@@ -31,6 +31,8 @@ from vqgan.prior.maskgit import masked_token_loss, training_mask
 from vqgan.prior.sampling import guided_logits
 from vqgan.train_prior import prior_step
 
+from test_prior import markov_grids  # the known chain test_prior's autoregressive priors learn too
+
 
 def tiny_maskgit(**overrides) -> MaskGITPrior:
     cfg = dict(num_codes=6, grid=(4, 4), num_classes=3, dim=16, depth=2, heads=2, mlp_ratio=2.0)
@@ -242,19 +244,6 @@ def test_invalid_sampling_config_and_model_config():
 
 
 # --------------------------------------------- learning a known distribution: the three families alike
-
-TRANSITIONS = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.05, 0.05, 0.1, 0.8], [0.5, 0.2, 0.2, 0.1]])
-INITIAL = torch.tensor([0.4, 0.3, 0.2, 0.1])
-
-
-def markov_grids(n: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 4, 4) grids whose raster sequence is a Markov chain: z_t ~ TRANSITIONS[z_{t-1}]."""
-    z = torch.empty(n, 16, dtype=torch.long)
-    z[:, 0] = torch.multinomial(INITIAL.expand(n, 4), 1, generator=generator)[:, 0]
-    for t in range(1, 16):
-        z[:, t] = torch.multinomial(TRANSITIONS[z[:, t - 1]], 1, generator=generator)[:, 0]
-    return z.view(n, 4, 4)
-
 
 FAMILIES = {
     "maskgit": lambda: MaskGITPrior(MaskGITConfig(num_codes=4, grid=(4, 4), dim=32, depth=2, heads=2, mlp_ratio=2.0)),

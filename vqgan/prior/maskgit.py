@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from vqgan.prior.mask_schedule import check_mask_schedule, mask_ratio
 from vqgan.prior.maskgit_sampling import sample_maskgit
 from vqgan.prior.sampling import SamplingConfig
-from vqgan.prior.transformer import Block, TransformerPrior, rope2d_tables
+from vqgan.prior.transformer import Block, TransformerPrior, check_transformer_config, rope2d_tables
 from vqgan.utils import as_grid
 
 
@@ -44,16 +44,7 @@ class MaskGITConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", as_grid(self.grid))
-        if self.num_codes < 2 or self.num_classes < 0:
-            raise ValueError(f"need num_codes >= 2 and num_classes >= 0, got {self.num_codes}, {self.num_classes}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
-        if self.positions not in ("learned", "rope2d"):
-            raise ValueError(f"positions must be 'learned' or 'rope2d', got {self.positions!r}")
-        if self.positions == "rope2d" and self.head_dim % 4:
-            raise ValueError(f"rope2d rotates pairs by row and by column: head dim {self.head_dim} must be divisible by 4")
-        if not (0.0 <= self.class_dropout < 1.0) or not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"class_dropout and dropout must lie in [0, 1), got {self.class_dropout}, {self.dropout}")
+        check_transformer_config(self)
         if not (0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         check_mask_schedule(self.mask_schedule)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,20 @@ from torch import Tensor, nn
 
 from vqgan.prior.sampling import SamplingConfig, sample_transformer
 from vqgan.utils import as_grid
+
+
+def check_transformer_config(c: Any) -> None:
+    """The checks every transformer prior's config shares (the GPT's and MaskGIT's): sizes, heads, positions, dropout."""
+    if c.num_codes < 2 or c.num_classes < 0:
+        raise ValueError(f"need num_codes >= 2 and num_classes >= 0, got {c.num_codes}, {c.num_classes}")
+    if c.dim % c.heads:
+        raise ValueError(f"dim {c.dim} must be divisible by heads {c.heads}")
+    if c.positions not in ("learned", "rope2d"):
+        raise ValueError(f"positions must be 'learned' or 'rope2d', got {c.positions!r}")
+    if c.positions == "rope2d" and c.head_dim % 4:
+        raise ValueError(f"rope2d rotates pairs by row and by column: head dim {c.head_dim} must be divisible by 4")
+    if not (0.0 <= c.class_dropout < 1.0) or not (0.0 <= c.dropout < 1.0):
+        raise ValueError(f"class_dropout and dropout must lie in [0, 1), got {c.class_dropout}, {c.dropout}")
 
 
 @dataclass(frozen=True)
@@ -38,16 +52,7 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", as_grid(self.grid))
-        if self.num_codes < 2 or self.num_classes < 0:
-            raise ValueError(f"need num_codes >= 2 and num_classes >= 0, got {self.num_codes}, {self.num_classes}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
-        if self.positions not in ("learned", "rope2d"):
-            raise ValueError(f"positions must be 'learned' or 'rope2d', got {self.positions!r}")
-        if self.positions == "rope2d" and self.head_dim % 4:
-            raise ValueError(f"rope2d rotates pairs by row and by column: head dim {self.head_dim} must be divisible by 4")
-        if not (0.0 <= self.class_dropout < 1.0) or not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"class_dropout and dropout must lie in [0, 1), got {self.class_dropout}, {self.dropout}")
+        check_transformer_config(self)
 
     @property
     def seq_len(self) -> int:
