@@ -190,10 +190,11 @@ def resolve_folder(name_or_path: str | Path, **hub_kwargs: Any) -> Path:
         raise ExportError(f"{path} is a file; pass the tokenizer folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     if path.is_dir():
         return check_folder(path)
+    from vqgan.hub import HubError, download_folder, is_repo_id  # only here: local loading needs no hub client
+
     text = str(name_or_path)
-    if isinstance(name_or_path, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if isinstance(name_or_path, Path) or not is_repo_id(text):
         raise ExportError(f"tokenizer folder {text} does not exist (and is not a Hub repo id such as 'owner/name')")
-    from vqgan.hub import HubError, download_folder  # only here: local loading needs no hub client
 
     try:
         folder = download_folder(text, HUB_FILES, what="tokenizer", **hub_kwargs)
