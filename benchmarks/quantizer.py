@@ -49,10 +49,14 @@ KIND_CASES = (
     ("vq", dict(kind="vq", num_codes=16384)),
     ("vq l2 code_dim 8", dict(kind="vq", num_codes=16384, code_dim=8, l2_normalize=True)),
     ("simvq", dict(kind="simvq", num_codes=16384)),
-    ("ibq", dict(kind="ibq", num_codes=16384, entropy_weight=0.05)),
+    ("ibq, no entropy", dict(kind="ibq", num_codes=16384, dead_code_threshold=0)),
+    ("ibq, entropy 0.05 (its recipe)", dict(kind="ibq", num_codes=16384, dead_code_threshold=0,
+                                           entropy_weight=0.05, entropy_temperature=0.01)),
     ("fsq 2^14", dict(kind="fsq", num_codes=2**14)),
-    ("lfq 2^14", dict(kind="lfq", num_codes=2**14, entropy_weight=0.1, entropy_temperature=0.01)),
-    ("lfq 2^18", dict(kind="lfq", num_codes=2**18, entropy_weight=0.1, entropy_temperature=0.01)),
+    ("fsq 2^14, entropy (exact)", dict(kind="fsq", num_codes=2**14, entropy_weight=0.1, entropy_temperature=0.1)),
+    ("lfq 2^14, entropy (exact)", dict(kind="lfq", num_codes=2**14, entropy_weight=0.1, entropy_temperature=0.01)),
+    ("lfq 2^18, entropy (groups of 9 bits: its recipe)", dict(kind="lfq", num_codes=2**18, entropy_weight=0.1,
+                                                             entropy_temperature=0.01, entropy_group_bits=9)),
 )
 
 

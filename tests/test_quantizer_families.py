@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from vqgan.config import ConfigError, from_dict, to_dict
 from vqgan.quantize import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
-from vqgan.quantizers.ibq import soft_codes_chunked
+from vqgan.quantizers.ibq import softmax_logits_gradient
 from vqgan.quantizers.lfq import lfq_entropy_terms
 
 
 def small_config(kind: str, **options) -> QuantizerConfig:
-    base = {"vq": {}, "simvq": {}, "ibq": {}, "fsq": {}, "lfq": {"entropy_weight": 0.1}}[kind]
+    base = {"vq": {}, "simvq": {}, "ibq": {"entropy_weight": 0.05}, "fsq": {"entropy_weight": 0.1},
+            "lfq": {"entropy_weight": 0.1}}[kind]
     return QuantizerConfig(kind=kind, num_codes=64, dim=8, **{**base, **options})
 
 
@@ -115,6 +116,32 @@ def test_fsq_bound_gives_exactly_each_channels_levels_and_indices_round_trip():
     assert torch.equal(q.search((digits - torch.tensor([4, 2, 2, 1])).float()), brute)
 
 
+@pytest.mark.parametrize("group_bits", [9, 3])
+def test_fsq_entropy_terms_equal_a_brute_force_over_the_whole_grid(group_bits):
+    levels = (4, 3, 2, 5)
+    q = build_quantizer(QuantizerConfig(kind="fsq", num_codes=120, dim=4, fsq_levels=levels, entropy_weight=0.1,
+                                        entropy_temperature=0.7, entropy_group_bits=group_bits))
+    torch.manual_seed(0)
+    bounded = q.prepare_rows(torch.randn(30, 4))  # (N, 4) in level units
+    entropy = q._entropy(bounded)
+    grids = [[float(d - level // 2) for d in range(level)] for level in levels]
+    groups = [range(0, 4)] if group_bits == 9 else [range(0, 1), range(1, 3), range(3, 4)]  # 4 | 3 x 2 | 5 codes
+    per_sample, batch = brute_force_entropies(bounded, 0.7, groups, grids)
+    assert entropy.item() == pytest.approx(per_sample - batch, rel=1e-5)
+
+
+def test_fsq_entropy_penalty_spreads_the_batch_and_reaches_the_input():
+    q = build_quantizer(QuantizerConfig(kind="fsq", num_codes=64, dim=3, fsq_levels=(4, 4, 4), entropy_weight=1.0,
+                                        entropy_temperature=0.5))
+    z = (torch.randn(256, 3) * 0.05).requires_grad_(True)  # every row near the grid's centre: low batch entropy
+    out = q(z)
+    out.loss.backward()
+    assert out.entropy_loss.item() > -math.log(64) + 1.0 and torch.isfinite(z.grad).all()
+    with torch.no_grad():
+        spread = q(z - 0.5 * z.grad / z.grad.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    assert spread.entropy_loss.item() < out.entropy_loss.item()
+
+
 def test_fsq_output_is_the_nearest_grid_point_with_an_identity_gradient():
     q = build_quantizer(QuantizerConfig(kind="fsq", num_codes=64, dim=3, fsq_levels=(4, 4, 4)))
     z = torch.randn(50, 3, requires_grad=True)
@@ -144,14 +171,17 @@ def test_lfq_bits_and_index_round_trip_first_channel_least_significant():
     assert set(q.codes_for(ids).unique().tolist()) == {-1.0, 1.0}
 
 
-def brute_force_entropies(h: torch.Tensor, temperature: float, groups: list[range]) -> tuple[float, float]:
-    """Over every code of each group: softmax(-||h - c||^2 / T), per-sample and batch entropies."""
-    per_sample, batch = 0.0, 0.0
-    full = torch.tensor(list(itertools.product([1.0, -1.0], repeat=h.shape[1])), dtype=torch.float64)  # (2^b, b)
-    p = torch.softmax(-(h.double()[:, None] - full[None]).square().sum(-1) / temperature, dim=1)  # (N, 2^b)
+def brute_force_entropies(h: torch.Tensor, temperature: float, groups: list[range],
+                          grids: list[list[float]] | None = None) -> tuple[float, float]:
+    """Over every code of the grid (default: +-1 per channel) and of each group: softmax(-||h - c||^2 / T),
+    per-sample and batch entropies."""
+    grids = grids or [[1.0, -1.0]] * h.shape[1]
+    full = torch.tensor(list(itertools.product(*grids)), dtype=torch.float64)  # (K, c)
+    p = torch.softmax(-(h.double()[:, None] - full[None]).square().sum(-1) / temperature, dim=1)  # (N, K)
     per_sample = -(p * p.log()).sum(1).mean().item()
+    batch = 0.0
     for group in groups:
-        codes = torch.tensor(list(itertools.product([1.0, -1.0], repeat=len(group))), dtype=torch.float64)
+        codes = torch.tensor(list(itertools.product(*[grids[i] for i in group])), dtype=torch.float64)
         pg = torch.softmax(-(h.double()[:, None, group] - codes[None]).square().sum(-1) / temperature, dim=1)
         avg = pg.mean(0)
         batch += -(avg * avg.log()).sum().item()
@@ -209,17 +239,55 @@ def test_ibq_picks_the_largest_inner_product_and_its_gradient_reaches_unselected
     assert z.grad.abs().sum() > 0
 
 
-def test_ibq_chunked_softmax_equals_the_unchunked_one_values_and_gradients():
+def test_ibq_entropy_penalty_stays_finite_when_the_softmax_leaves_codes_exactly_empty():
+    """N(0, 1) codes at T = 0.01 give logits of thousands: most codes get probability exactly 0, where
+    xlogy's gradient would be NaN."""
+    torch.manual_seed(0)
+    q = build_quantizer(QuantizerConfig(kind="ibq", num_codes=256, dim=32, entropy_weight=0.05,
+                                        entropy_temperature=0.01, dead_code_threshold=0))
+    z = (torch.randn(64, 32) * 3).requires_grad_(True)
+    q(z).loss.backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(q.weight.grad).all()
+
+
+def test_ibq_chunked_softmax_gradient_is_zero_valued_and_equals_the_unchunked_one():
     h = torch.randn(23, 6, requires_grad=True)
     codes = torch.randn(40, 6, requires_grad=True)
-    chunked = soft_codes_chunked(h, codes, chunk_size=4)
+    chunked = softmax_logits_gradient(h, codes, chunk_size=4)
+    assert torch.equal(chunked, torch.zeros(23, 6))
     g = torch.randn(23, 6)
     grads = torch.autograd.grad((chunked * g).sum(), (h, codes))
-    full = torch.softmax(h @ codes.t(), dim=1) @ codes
-    ref = torch.autograd.grad((full * g).sum(), (h, codes))
-    assert torch.allclose(chunked, full, atol=1e-6)
+    p = torch.softmax(h @ codes.t(), dim=1)
+    ref = torch.autograd.grad((((p - p.detach()) @ codes) * g).sum(), (h, codes))
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_ibq_loss_and_gradients_equal_seed_vokens_dense_one_hot_formulation():
+    """SEED-Voken's IndexPropagationQuantize, written densely: our chunked layer gives the same values
+    and the same gradients to z and to every code, for a task loss on the output plus the quantizer loss."""
+    torch.manual_seed(0)
+    beta = 0.25
+    q = build_quantizer(QuantizerConfig(kind="ibq", num_codes=50, dim=6, beta=beta, chunk_size=7,
+                                        dead_code_threshold=0))
+    z = torch.randn(30, 6, requires_grad=True)
+    target = torch.randn(30, 6)
+    out = q(z)
+    ours = torch.autograd.grad(F.mse_loss(out.quantized, target) + out.loss, (z, q.weight))
+
+    embedding = q.weight.detach().clone().requires_grad_(True)
+    zr = z.detach().clone().requires_grad_(True)
+    soft = torch.softmax(zr @ embedding.t(), dim=1)
+    hard = F.one_hot(soft.argmax(dim=1), 50).float()
+    z_q = (hard - soft.detach() + soft) @ embedding
+    z_q2 = hard @ embedding
+    quant_loss = F.mse_loss(z_q, zr) + F.mse_loss(z_q2.detach(), zr) + beta * F.mse_loss(z_q2, zr.detach())
+    ref = torch.autograd.grad(F.mse_loss(z_q, target) + quant_loss, (zr, embedding))
+    assert torch.equal(out.indices, hard.argmax(dim=1))
+    assert torch.allclose(out.quantized, z_q, atol=1e-6)
+    assert out.loss.item() == pytest.approx(quant_loss.item(), rel=1e-5)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 # -- simvq -------------------------------------------------------------------------------------------
@@ -264,11 +332,23 @@ def test_unknown_kind_and_options_a_kind_does_not_read_are_refused_with_the_vali
         assert from_dict(QuantizerConfig, to_dict(config)) == config
 
 
+def quickstart_kind_overrides() -> dict[str, list[str]]:
+    """kind -> the overrides the quickstart recipe's comment documents for it (vq: the recipe as it is)."""
+    out = {"vq": []}
+    for line in open("recipes/quickstart.yaml").read().splitlines():
+        words = line.lstrip("# ").split()
+        if words and words[0].startswith("model.quantizer.kind="):
+            out[words[0].split("=", 1)[1]] = [word for word in words[1:] if "=" in word]
+    return out
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_quickstart_recipe_takes_every_kind_on_the_command_line(kind):
     from vqgan.train import load_train_config
 
-    config = load_train_config("recipes/quickstart.yaml", [f"model.quantizer.kind={kind}"])
+    overrides = quickstart_kind_overrides()
+    assert set(overrides) == set(KINDS)  # the comment documents every kind
+    config = load_train_config("recipes/quickstart.yaml", [f"model.quantizer.kind={kind}", *overrides[kind]])
     assert config.model.quantizer.kind == kind and config.model.quantizer.num_codes == 256
 
 
@@ -324,9 +404,9 @@ def test_every_kind_keeps_identical_state_on_two_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, tmp_path):
-    """The quickstart's tiny model with `model.quantizer.kind=<kind>` on the command line: 4 steps
-    straight == 2 steps, a lost checkpoint, a resume; the exported tokenizer loads and its ONNX graphs
-    give the same ids and images."""
+    """The quickstart's tiny model with `model.quantizer.kind=<kind>` and the settings its comment gives
+    on the command line: 4 steps straight == 2 steps, a lost checkpoint, a resume; the exported tokenizer
+    loads and its ONNX graphs give the same ids and images."""
     import shutil
 
     from accelerate.state import AcceleratorState, GradientState
@@ -340,7 +420,7 @@ def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, tmp_pa
     def run(path, *overrides):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        return main([str(path), f"model.quantizer.kind={kind}", *overrides])
+        return main([str(path), f"model.quantizer.kind={kind}", *quickstart_kind_overrides()[kind], *overrides])
 
     def recipe(name: str):
         path = tmp_path / f"{name}.yaml"

@@ -153,7 +153,8 @@ def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int,
     p = log_p.exp()
     per_sample = -(p * log_p).sum(dim=1).mean()
     avg = p.mean(dim=0)  # (K,)
-    return per_sample + torch.xlogy(avg, avg).sum()
+    # clamped log: xlogy's gradient at an exactly empty code (a sharp softmax) would be -inf * 0 = NaN
+    return per_sample + (avg * avg.clamp_min(1e-30).log()).sum()
 
 
 def histogram(indices: Tensor, bins: int) -> Tensor:

@@ -3,7 +3,10 @@ Made Simple", arXiv:2309.15505; the quantizer of NVIDIA Cosmos' discrete tokeniz
 
 Each of the c = len(levels) channels is bounded by a shifted tanh to L_i values and rounded with a
 straight-through gradient; the index is the mixed-radix number of the c digits. There is no codebook
-to learn and no loss: every code is a point of the grid.
+to learn: every code is a point of the grid. The one optional loss is MAGVIT-v2's entropy penalty
+(entropy_weight > 0), exact per channel and per group of channels (`product_entropy`; LFQ is its
+two-level case): FSQ alone has nothing that spreads its use over the grid, so over a short window an
+MSE-trained FSQ leaves its rare corner codes unused (benchmarks/results/quantizer_fidelity.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import Tensor
 from vqgan.quantize_utils import histogram, perplexity
 from vqgan.quantizers.base import Quantizer, QuantizerOutput
 from vqgan.quantizers.config import QuantizerConfig
+from vqgan.quantizers.product_entropy import channel_log_probs, product_entropy_terms
 
 # tanh's range is widened by this much so that its end points round to the outer levels, and the even-L
 # shift atanh(0.5 / half) stays finite at L = 2 (as vector-quantize-pytorch; the paper's code uses tan).
@@ -62,10 +66,23 @@ class FiniteScalarQuantizer(Quantizer):
             # value exactly codes_for(indices) (x - x == 0), identity gradient to the bounded rows
             out = self.codes_for(indices) + (bounded - bounded.detach()) / self.half_width
             zero = bounded.new_zeros(())
+            entropy_loss, loss = zero, zero
+            if self.config.entropy_weight > 0:
+                entropy_loss = self._entropy(bounded)
+                loss = self._entropy_weight() * entropy_loss
             batch_perplexity = perplexity(histogram(indices, self.config.num_codes))
             if self.training:
                 self._count(indices, finite)
             usage = self._window_usage()
         # A non-finite row stays non-finite in `out` (NaN - NaN), so it reaches the task loss.
-        return self._output(z, out, indices, loss=zero, codebook_loss=zero, commitment_loss=zero,
-                            entropy_loss=zero, perplexity=batch_perplexity, usage=usage)
+        return self._output(z, out, indices, loss=loss, codebook_loss=zero, commitment_loss=zero,
+                            entropy_loss=entropy_loss, perplexity=batch_perplexity, usage=usage)
+
+    def _entropy(self, bounded: Tensor) -> Tensor:
+        """Mean per-sample entropy minus the grouped batch entropy of softmax(-||b - c||^2 / T) over the grid."""
+        cfg = self.config
+        values = [torch.arange(level, device=bounded.device) - level // 2 for level in cfg.levels]  # digit - L // 2
+        values = [v.to(bounded.dtype) for v in values]
+        log_probs = channel_log_probs(bounded, values, cfg.entropy_temperature)
+        per_sample, batch = product_entropy_terms(log_probs, cfg.entropy_group_bits, cfg.chunk_size)
+        return per_sample - batch

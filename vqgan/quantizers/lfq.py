@@ -5,11 +5,9 @@ Each of the b = log2 K channels is quantized to its sign (+1 / -1) with a straig
 the index is the binary number of the signs, first channel = least significant bit (as Open-MAGVIT2's
 `2 ** arange(bits)` mask, so its indices and ours agree).
 The entropy penalty is E[H(q(z))] - H(E[q(z)]) with q the softmax of -||z - c||^2 / T over the 2^b
-codes c. That distribution factorises over bits (p_i(+1) = sigmoid(4 z_i / T)), so:
-  - the per-sample entropy is the sum of b binary entropies (exact, O(N b));
-  - the batch entropy is computed over groups of at most entropy_group_bits bits, each exactly over
-    its 2^g codes and summed (Open-MAGVIT2's token factorisation; exact when b <= entropy_group_bits, an
-    upper bound otherwise). No (K, b) table exists at any point: a group's table is (2^g, g).
+codes c. That distribution factorises over bits, so the per-sample entropy is exact per bit and the
+batch entropy exact per group of at most entropy_group_bits bits (`product_entropy`): no (K, b) table
+exists at any point.
 """
 
 from __future__ import annotations
@@ -17,46 +15,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from vqgan.quantize_utils import chunk_rows, histogram, perplexity
+from vqgan.quantize_utils import histogram, perplexity
 from vqgan.quantizers.base import Quantizer, QuantizerOutput
 from vqgan.quantizers.config import QuantizerConfig
-
-
-def code_bits(num_bits: int, device: torch.device) -> Tensor:
-    """(2^g, g) float 0/1 table of every g-bit code, column i = bit i."""
-    codes = torch.arange(2**num_bits, device=device)
-    shifts = torch.arange(num_bits, device=device)
-    return ((codes.unsqueeze(1) >> shifts) & 1).float()
-
-
-def _group_probability_sum(log_plus: Tensor, log_minus: Tensor, table: Tensor) -> Tensor:
-    """(r, g) log p(+1), log p(-1) per bit, (2^g, g) table -> (2^g,) summed code probabilities."""
-    log_p = log_plus @ table.t() + log_minus @ (1.0 - table).t()  # (r, 2^g)
-    return log_p.exp().sum(dim=0)
+from vqgan.quantizers.product_entropy import channel_log_probs, product_entropy_terms
 
 
 def lfq_entropy_terms(h: Tensor, temperature: float, group_bits: int, chunk_size: int) -> tuple[Tensor, Tensor]:
     """(N, b) -> (mean per-sample entropy, batch entropy over groups of <= group_bits bits), in nats."""
-    logits = 4.0 * h / temperature  # (N, b): log p(+1) - log p(-1) for each bit
-    log_plus, log_minus = F.logsigmoid(logits), F.logsigmoid(-logits)
-    per_sample = -(log_plus.exp() * log_plus + log_minus.exp() * log_minus).sum(dim=1).mean()
-    n, bits = h.shape
-    batch = h.new_zeros(())
-    for start in range(0, bits, group_bits):
-        stop = min(bits, start + group_bits)
-        table = code_bits(stop - start, h.device)  # (2^g, g)
-        rows = chunk_rows(n, table.shape[0], stop - start, chunk_size, h.device)
-        total = sum(
-            checkpoint(_group_probability_sum, log_plus[s : s + rows, start:stop], log_minus[s : s + rows, start:stop],
-                       table, use_reentrant=False)
-            for s in range(0, n, rows)
-        )
-        avg = total / n  # (2^g,)
-        # clamped log: xlogy's gradient at an exactly empty code would be -inf * 0 = NaN
-        batch = batch - (avg * avg.clamp_min(1e-30).log()).sum()
-    return per_sample, batch
+    levels = [h.new_tensor([-1.0, 1.0])] * h.shape[1]  # digit 0 = -1, digit 1 = +1 (bit i of the index)
+    return product_entropy_terms(channel_log_probs(h, levels, temperature), group_bits, chunk_size)
 
 
 class LookupFreeQuantizer(Quantizer):

@@ -111,13 +111,11 @@ class VectorQuantizer(Quantizer):
                 codes = codes.clone()  # NOTE: the EMA update below writes the buffer in place
             indices = self._search_codes(h.detach(), codes.detach())  # (N,)
             h_q = F.embedding(indices, codes)  # (N, c)
-            out, codebook_loss, commitment_loss = self._estimator(h, h_q, codes, indices)
-            if cfg.use_ema:
-                codebook_loss = zero
+            out, codebook_loss, commitment_loss, loss = self._estimator(h, h_q, codes, indices)
             entropy_loss = zero
             if cfg.entropy_weight > 0:
                 entropy_loss = self._entropy(h, codes)
-            loss = codebook_loss + cfg.beta * commitment_loss + self._entropy_weight() * entropy_loss
+                loss = loss + self._entropy_weight() * entropy_loss
             batch_perplexity = perplexity(histogram(indices, cfg.num_codes))
             if self.training:
                 counts = self._count(indices, finite)
@@ -134,9 +132,13 @@ class VectorQuantizer(Quantizer):
 
     # -- gradient estimators ------------------------------------------------------------------
 
-    def _estimator(self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(output rows with value h_q, codebook loss, commitment loss)."""
-        return self._straight_through(h, h_q), F.mse_loss(h_q, h.detach()), F.mse_loss(h, h_q.detach())
+    def _estimator(self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+        """(output rows with value h_q, codebook loss, commitment loss, their weighted sum)."""
+        # An EMA codebook is a buffer that the EMA moves: no codebook term.
+        codebook_loss = h.new_zeros(()) if self.config.use_ema else F.mse_loss(h_q, h.detach())
+        commitment_loss = F.mse_loss(h, h_q.detach())
+        return (self._straight_through(h, h_q), codebook_loss, commitment_loss,
+                codebook_loss + self.config.beta * commitment_loss)
 
     def _entropy(self, h: Tensor, codes: Tensor) -> Tensor:
         return entropy_penalty(h, codes, self.config.entropy_temperature, self.config.chunk_size)
