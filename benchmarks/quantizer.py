@@ -297,6 +297,10 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print()
     print(table)
+    if args.kinds_only and Path(args.out).exists():
+        # --kinds-only replaces its own table and keeps an earlier run's nearest-code tables above it
+        earlier = Path(args.out).read_text().split("\nEvery kind")[0].rstrip("\n")
+        table = earlier + "\n" + table[table.index("\nEvery kind"):]
     atomic_write_text(args.out, table)
     print(f"wrote {args.out}")
 
