@@ -16,7 +16,7 @@
    side 96 px, as the quickstart), L1 + quantizer loss; held-out PSNR and codes used on crops of the
    eval photos.
 
-    .venv/bin/python benchmarks/quantizer_fidelity.py            # ~40 min on 2 cores
+    .venv/bin/python benchmarks/quantizer_fidelity.py            # ~1 hour on 2 cores
     .venv/bin/python benchmarks/quantizer_fidelity.py --quick    # ~1 min smoke run (numbers not comparable)
 
 Prints a markdown table and writes it to benchmarks/results/quantizer_fidelity.md (--quick: _quick.md).
