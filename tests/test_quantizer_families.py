@@ -19,15 +19,28 @@ from vqgan.quantizers.ibq import softmax_logits_gradient
 from vqgan.quantizers.lfq import lfq_entropy_terms
 
 
-def small_config(kind: str, **options) -> QuantizerConfig:
-    base = {"vq": {}, "simvq": {}, "ibq": {"entropy_weight": 0.05}, "fsq": {"entropy_weight": 0.1},
-            "lfq": {"entropy_weight": 0.1}}[kind]
+# Every kind with its defaults, and beside them the settings README / the quickstart recommend where
+# those differ (the entropy terms; ibq without restarts).
+CASES = {
+    "vq": ("vq", {}),
+    "simvq": ("simvq", {}),
+    "ibq": ("ibq", {}),
+    "ibq+entropy": ("ibq", {"entropy_weight": 0.05, "entropy_temperature": 0.01, "dead_code_threshold": 0}),
+    "fsq": ("fsq", {}),
+    "fsq+entropy": ("fsq", {"entropy_weight": 0.1, "entropy_temperature": 0.1}),
+    "lfq": ("lfq", {}),
+    "lfq+entropy": ("lfq", {"entropy_weight": 0.1, "entropy_temperature": 0.01}),
+}
+
+
+def small_config(case: str, **options) -> QuantizerConfig:
+    kind, base = CASES[case]
     return QuantizerConfig(kind=kind, num_codes=64, dim=8, **{**base, **options})
 
 
-def trained(kind: str, steps: int = 3, **options):
+def trained(case: str, steps: int = 3, **options):
     torch.manual_seed(0)
-    q = build_quantizer(small_config(kind, **options))
+    q = build_quantizer(small_config(case, **options))
     opt = torch.optim.Adam(q.parameters(), lr=1e-2)
     for _ in range(steps):
         out = q(torch.randn(2, 8, 4, 4))
@@ -40,9 +53,9 @@ def trained(kind: str, steps: int = 3, **options):
 # -- the shared interface ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_eval_output_is_rebuilt_exactly_from_indices_and_changes_no_state(kind):
-    q = trained(kind).eval()
+@pytest.mark.parametrize("case", CASES)
+def test_eval_output_is_rebuilt_exactly_from_indices_and_changes_no_state(case):
+    q = trained(case).eval()
     state = {k: v.clone() for k, v in q.state_dict().items()}
     for z in (torch.randn(2, 8, 5, 3, requires_grad=True), torch.randn(7, 8)):
         out = q(z)
@@ -61,9 +74,9 @@ def test_eval_output_is_rebuilt_exactly_from_indices_and_changes_no_state(kind):
     assert torch.equal(q.codebook.detach(), q.codes_for(ids).detach())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_state_dict_round_trip_and_fp32_under_bf16_autocast(kind):
-    q = trained(kind)
+@pytest.mark.parametrize("case", CASES)
+def test_state_dict_round_trip_and_fp32_under_bf16_autocast(case):
+    q = trained(case)
     fresh = build_quantizer(q.config)
     fresh.load_state_dict(q.state_dict())
     z = torch.randn(3, 8, 4, 4)
@@ -75,9 +88,9 @@ def test_state_dict_round_trip_and_fp32_under_bf16_autocast(kind):
     assert out.loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_counts_real_assignments_into_usage(kind):
-    q = build_quantizer(small_config(kind, usage_window=10_000))
+@pytest.mark.parametrize("case", CASES)
+def test_training_counts_real_assignments_into_usage(case):
+    q = build_quantizer(small_config(case, usage_window=10_000))
     out = q(torch.randn(4, 8, 4, 4))
     assert out.usage.item() == pytest.approx(out.indices.unique().numel() / 64)
     assert int(q.seen) == 64 and int(q.step) == 1
@@ -263,6 +276,22 @@ def test_ibq_chunked_softmax_gradient_is_zero_valued_and_equals_the_unchunked_on
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_ibq_gradients_are_the_same_under_torch_compile():
+    torch.manual_seed(0)
+    eager = build_quantizer(QuantizerConfig(kind="ibq", num_codes=40, dim=6, chunk_size=7, dead_code_threshold=0))
+    compiled = build_quantizer(eager.config)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(backend="aot_eager")
+    z = torch.randn(25, 6)
+    grads = []
+    for q in (eager, compiled):
+        zr = z.clone().requires_grad_(True)
+        out = q(zr)
+        grads.append(torch.autograd.grad(out.quantized.square().sum() + out.loss, (zr, q.weight)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_ibq_loss_and_gradients_equal_seed_vokens_dense_one_hot_formulation():
     """SEED-Voken's IndexPropagationQuantize, written densely: our chunked layer gives the same values
     and the same gradients to z and to every code, for a task loss on the output plus the quantizer loss."""
@@ -327,9 +356,20 @@ def test_unknown_kind_and_options_a_kind_does_not_read_are_refused_with_the_vali
         QuantizerConfig(kind="simvq", affine_reparam=True)
     with pytest.raises(ValueError, match=r"kind='lfq' does not read \['code_dim'\]"):
         QuantizerConfig(kind="lfq", num_codes=256, code_dim=8)
-    for kind in KINDS:  # and each kind's config survives the to_dict / from_dict round trip
-        config = small_config(kind)
+    for case in CASES:  # and each case's config survives the to_dict / from_dict round trip
+        config = small_config(case)
         assert from_dict(QuantizerConfig, to_dict(config)) == config
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_configs_written_before_the_entropy_group_default_changed_still_load(kind):
+    """Every config.json of the previous version holds entropy_group_bits = 9 (then the default), for
+    every kind; vq, simvq and ibq do not read it, and 9 must not be refused there."""
+    old = {**to_dict(QuantizerConfig(kind=kind, num_codes=256)), "entropy_group_bits": 9}
+    assert from_dict(QuantizerConfig, old).entropy_group_bits == 9
+    if kind in ("vq", "simvq", "ibq"):
+        with pytest.raises(ValueError, match=rf"kind='{kind}' does not read \['entropy_group_bits'\]"):
+            QuantizerConfig(kind=kind, entropy_group_bits=12)
 
 
 def quickstart_kind_overrides() -> dict[str, list[str]]:
@@ -373,12 +413,12 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for kind in KINDS:
+        for case in CASES:
             torch.manual_seed(100 + rank)  # different initial codebooks and data on each rank
-            q = build_quantizer(small_config(kind, chunk_size=16))
+            q = build_quantizer(small_config(case, chunk_size=16))
             for _ in range(4):
                 out = q(torch.randn(2 + rank, 8, 3, 3) * (1 + rank) + rank)
-            results[kind] = {"state": q.state_dict(), "usage": out.usage}
+            results[case] = {"state": q.state_dict(), "usage": out.usage}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -388,25 +428,27 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_every_kind_keeps_identical_state_on_two_processes(tmp_path):
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for kind in KINDS:
-        a, b = rank0[kind], rank1[kind]
+    for case in CASES:
+        a, b = rank0[case], rank1[case]
         for key in a["state"]:
             if key.startswith("project_"):
                 continue  # projections are ordinary parameters: DDP's job, not the quantizer's
-            assert torch.equal(a["state"][key], b["state"][key]), (kind, key)
+            assert torch.equal(a["state"][key], b["state"][key]), (case, key)
         assert torch.equal(a["usage"], b["usage"])
-        assert int(a["state"]["seen"]) == 4 * (2 + 3) * 9, kind  # indices of both ranks counted
+        assert int(a["state"]["seen"]) == 4 * (2 + 3) * 9, case  # indices of both ranks counted
 
 
 # -- end to end ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, tmp_path):
-    """The quickstart's tiny model with `model.quantizer.kind=<kind>` and the settings its comment gives
-    on the command line: 4 steps straight == 2 steps, a lost checkpoint, a resume; the exported tokenizer
-    loads and its ONNX graphs give the same ids and images."""
+@pytest.mark.parametrize(("kind", "documented"),
+                         [(kind, False) for kind in KINDS] + [(kind, True) for kind in ("ibq", "fsq", "lfq")])
+def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, documented, tmp_path):
+    """The quickstart's tiny model with `model.quantizer.kind=<kind>` on the command line, with the kind's
+    defaults and (documented) with the settings the quickstart's comment gives for it: 4 steps straight
+    == 2 steps, a lost checkpoint, a resume; the exported tokenizer loads and its ONNX graphs give the
+    same ids and images."""
     import shutil
 
     from accelerate.state import AcceleratorState, GradientState
@@ -420,7 +462,8 @@ def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, tmp_pa
     def run(path, *overrides):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        return main([str(path), f"model.quantizer.kind={kind}", *quickstart_kind_overrides()[kind], *overrides])
+        documented_overrides = quickstart_kind_overrides()[kind] if documented else []
+        return main([str(path), f"model.quantizer.kind={kind}", *documented_overrides, *overrides])
 
     def recipe(name: str):
         path = tmp_path / f"{name}.yaml"

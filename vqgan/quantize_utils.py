@@ -152,9 +152,15 @@ def entropy_penalty(z: Tensor, codes: Tensor, temperature: float, max_rows: int,
     log_p = F.log_softmax(logits / temperature, dim=1)
     p = log_p.exp()
     per_sample = -(p * log_p).sum(dim=1).mean()
-    avg = p.mean(dim=0)  # (K,)
-    # clamped log: xlogy's gradient at an exactly empty code (a sharp softmax) would be -inf * 0 = NaN
-    return per_sample + (avg * avg.clamp_min(1e-30).log()).sum()
+    return per_sample - distribution_entropy(p.mean(dim=0))
+
+
+def distribution_entropy(p: Tensor) -> Tensor:
+    """(K,) probabilities -> their entropy in nats, with a finite gradient at exactly empty entries.
+
+    The log is clamped: xlogy's gradient at p = 0 (a code a sharp softmax leaves empty) is -inf * 0 = NaN.
+    """
+    return -(p * p.clamp_min(1e-30).log()).sum()
 
 
 def histogram(indices: Tensor, bins: int) -> Tensor:

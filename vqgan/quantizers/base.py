@@ -89,8 +89,16 @@ class Quantizer(nn.Module):
     def lookup_rows(self, z: Tensor) -> Tensor:
         """z -> (N, c) fp32 rows of the lookup space (after checks, projection and the kind's map)."""
         flat = self._flatten_checked(z)  # (N, D)
-        h = self.project_in(flat) if self.project_in is not None else flat  # (N, c)
+        h = self._project_in(flat)  # (N, c) fp32
         return self.prepare_rows(h.float())
+
+    def _project_in(self, flat: Tensor) -> Tensor:
+        """(N, D) -> (N, c) fp32 rows of the lookup space: the projection too runs in fp32 under autocast,
+        since a bf16 projection flips signs (lfq) and nearest codes as surely as a bf16 search would."""
+        if self.project_in is None:
+            return flat.float()
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return self.project_in(flat.float())
 
     def prepare_rows(self, h: Tensor) -> Tensor:
         """(N, c) -> (N, c): the kind's map before the search (l2 normalisation, FSQ's bound); identity here."""

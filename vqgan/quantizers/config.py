@@ -47,7 +47,8 @@ class QuantizerConfig:
     # fsq / lfq: the lookup width is fixed by the kind (len(fsq_levels), log2 K), so code_dim stays None.
     code_dim: int | None = None
     # Weight of the COMMITMENT term ||z - sg[e]||^2 (VQ-VAE arXiv:1711.00937, eq. 3). taming and
-    # diffusers put it on the codebook term instead; we follow the paper.
+    # diffusers put it on the codebook term instead; we follow the paper. ibq: on its hard codebook term,
+    # as SEED-Voken's IBQ loss (see quantizers/ibq.py).
     beta: float = 0.25
     l2_normalize: bool = False  # cosine codes: normalise z and codes before lookup (ViT-VQGAN)
     # Codebook as an EMA of assigned encoder outputs, Laplace-smoothed counts (VQ-VAE appendix A.1,
@@ -138,6 +139,8 @@ class QuantizerConfig:
         # kmeans_init / dead_code_threshold default on for vq; the kinds that do not read them ignore
         # the default but refuse a value set on purpose only when it differs from "off" too.
         stray = [n for n in stray if not (n in ("kmeans_init", "dead_code_threshold") and not getattr(self, n))]
+        # NOTE: configs written before the default became 14 carry entropy_group_bits = 9 for every kind.
+        stray = [n for n in stray if not (n == "entropy_group_bits" and self.entropy_group_bits == 9)]
         if stray:
             raise ValueError(
                 f"QuantizerConfig: kind={self.kind!r} does not read {stray}; leave them at their defaults "

@@ -57,7 +57,7 @@ class FiniteScalarQuantizer(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         flat = self._flatten_checked(z)  # (N, D)
-        h = self.project_in(flat) if self.project_in is not None else flat  # (N, c)
+        h = self._project_in(flat)  # (N, c) fp32
         with torch.autocast(device_type=z.device.type, enabled=False):
             bounded = self.prepare_rows(h.float())  # (N, c)
             finite = torch.isfinite(bounded.detach()).all(dim=1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from vqgan.quantize_utils import chunk_rows, entropy_penalty, nearest_code
 from vqgan.quantizers.config import QuantizerConfig
@@ -41,14 +42,16 @@ def _softmax_(logits: Tensor) -> Tensor:
     return p.div_(p.sum(dim=1, keepdim=True))
 
 
-def _softmax_logits_backward(h: Tensor, codes: Tensor, grad: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _softmax_logits_backward(
+    h: Tensor, codes: Tensor, grad: Tensor, chunk_size: int, need_h: bool = True, need_codes: bool = True
+) -> tuple[Tensor | None, Tensor | None]:
     """Gradients to h (N, c) and codes (K, c) of sum(grad * p E) through p's logits, p = softmax(h E^T).
 
-    Chunk by chunk of rows: recompute p, then d/dp = grad E^T, the softmax backward, and the two
-    matmuls back to h and to every code.
+    Chunk by chunk of rows: recompute p, then d/dp = grad E^T, the softmax backward, and the matmuls
+    back to h and to every code (each skipped when its gradient is not needed).
     """
     grad_h = []
-    grad_codes = torch.zeros_like(codes)
+    grad_codes = torch.zeros_like(codes) if need_codes else None
     rows = chunk_rows(h.shape[0], codes.shape[0], codes.shape[1], chunk_size, h.device)
     codes_t = codes.t()  # (c, K)
     for start in range(0, h.shape[0], rows):
@@ -57,9 +60,11 @@ def _softmax_logits_backward(h: Tensor, codes: Tensor, grad: Tensor, chunk_size:
         dl = g_rows @ codes_t  # (r, K): d loss / d p
         # softmax backward in place: d loss / d logits = p * (dl - sum(p * dl))
         dl.sub_((p * dl).sum(dim=1, keepdim=True)).mul_(p)
-        grad_h.append(dl @ codes)
-        grad_codes.addmm_(dl.t(), h_rows)
-    return torch.cat(grad_h), grad_codes
+        if need_h:
+            grad_h.append(dl @ codes)
+        if need_codes:
+            grad_codes.addmm_(dl.t(), h_rows)
+    return (torch.cat(grad_h) if need_h else None), grad_codes
 
 
 class _SoftmaxLogitsGradient(torch.autograd.Function):
@@ -72,11 +77,14 @@ class _SoftmaxLogitsGradient(torch.autograd.Function):
         return torch.zeros_like(h)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    @once_differentiable  # in-place chunk arithmetic: no double backward (refused loudly, not wrong)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         h, codes = ctx.saved_tensors
+        need_h, need_codes = ctx.needs_input_grad[:2]
         # fp32 like the forward, even when backward runs inside an autocast region
         with torch.autocast(device_type=h.device.type, enabled=False):
-            grad_h, grad_codes = _softmax_logits_backward(h, codes, grad.to(h.dtype), ctx.chunk_size)
+            grad_h, grad_codes = _softmax_logits_backward(h, codes, grad.to(h.dtype), ctx.chunk_size,
+                                                          need_h, need_codes)
         return grad_h, grad_codes, None
 
 
@@ -104,7 +112,9 @@ class IndexBackpropQuantizer(VectorQuantizer):
     def _search_codes(self, h: Tensor, codes: Tensor) -> Tensor:
         return nearest_code(h, codes, self.config.chunk_size, inner_product=True)
 
-    def _estimator(self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+    def _estimator(
+        self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out = h_q  # value exactly the selected codes; the task gradient reaches them as in VQ
         if torch.is_grad_enabled() and (h.requires_grad or codes.requires_grad):
             out = h_q + softmax_logits_gradient(h, codes, self.config.chunk_size)

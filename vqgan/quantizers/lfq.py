@@ -46,7 +46,7 @@ class LookupFreeQuantizer(Quantizer):
     def forward(self, z: Tensor) -> QuantizerOutput:
         cfg = self.config
         flat = self._flatten_checked(z)  # (N, D)
-        h = self.project_in(flat) if self.project_in is not None else flat  # (N, b)
+        h = self._project_in(flat)  # (N, b) fp32
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = h.float()
             finite = torch.isfinite(h.detach()).all(dim=1)

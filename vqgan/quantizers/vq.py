@@ -98,7 +98,7 @@ class VectorQuantizer(Quantizer):
         """z (B, D, H, W) or (N, D) -> QuantizerOutput; updates statistics only in training mode."""
         cfg = self.config
         flat = self._flatten_checked(z)  # (N, D)
-        h = self.project_in(flat) if self.project_in is not None else flat  # (N, c)
+        h = self._project_in(flat)  # (N, c) fp32
         zero = flat.new_zeros((), dtype=torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = self.prepare_rows(h.float())
@@ -132,7 +132,9 @@ class VectorQuantizer(Quantizer):
 
     # -- gradient estimators ------------------------------------------------------------------
 
-    def _estimator(self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+    def _estimator(
+        self, h: Tensor, h_q: Tensor, codes: Tensor, indices: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(output rows with value h_q, codebook loss, commitment loss, their weighted sum)."""
         # An EMA codebook is a buffer that the EMA moves: no codebook term.
         codebook_loss = h.new_zeros(()) if self.config.use_ema else F.mse_loss(h_q, h.detach())
