@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -97,8 +98,9 @@ class Quantizer(nn.Module):
         since a bf16 projection flips signs (lfq) and nearest codes as surely as a bf16 search would."""
         if self.project_in is None:
             return flat.float()
-        with torch.autocast(device_type=flat.device.type, enabled=False):
-            return self.project_in(flat.float())
+        weight, bias = self.project_in.weight, self.project_in.bias
+        with torch.autocast(device_type=flat.device.type, enabled=False):  # fp32 whatever the weights' dtype
+            return F.linear(flat.float(), weight.float(), bias.float())
 
     def prepare_rows(self, h: Tensor) -> Tensor:
         """(N, c) -> (N, c): the kind's map before the search (l2 normalisation, FSQ's bound); identity here."""
