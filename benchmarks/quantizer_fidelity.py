@@ -203,12 +203,6 @@ def whiten(pool: torch.Tensor) -> torch.Tensor:
     return centred @ vectors / values.clamp_min(1e-8).sqrt()
 
 
-def used_within(quantizer, window: int) -> float:
-    """Fraction of codes used by real assignments within the last `window` training indices."""
-    recent = (quantizer.last_seen > 0) & (quantizer.last_seen > quantizer.seen - window)
-    return float(recent.float().mean())
-
-
 def uniform_ceiling(num_codes: int, window: int) -> float:
     """Expected fraction of K codes seen in `window` draws if every code were equally likely."""
     return 1.0 - math.exp(window * math.log1p(-1.0 / num_codes))
@@ -246,8 +240,9 @@ def large_codebooks(args, pool, rows: list[str]) -> None:
         model, _, seconds = train_quantizer(config, pool, args.large_steps, args.large_batch, lr, args.seed)
         k = config.num_codes
         long_window = 4 * k  # the window over which uniform draws would see 98.2 % of the codes
-        rows.append(f"| {name} | {used_within(model.quantizer, WINDOW):.1%} | {uniform_ceiling(k, WINDOW):.1%} | "
-                    f"{used_within(model.quantizer, long_window):.1%} over {long_window:,} | {seconds:.0f} |")
+        used, used_long = (float(model.quantizer.window_usage(w)) for w in (WINDOW, long_window))
+        rows.append(f"| {name} | {used:.1%} | {uniform_ceiling(k, WINDOW):.1%} | "
+                    f"{used_long:.1%} over {long_window:,} | {seconds:.0f} |")
         print(rows[-1], flush=True)
 
 

@@ -37,10 +37,9 @@ class EncodeToIds(nn.Module):
         z = self.quant_conv(self.encoder(images_to_model_range(images)))  # (B, D, h, w)
         b, _, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
-        if self.quantizer.project_in is not None:
-            flat = self.quantizer.project_in(flat)  # (N, c)
         # the kind's own search: argmin over K codes (vq, simvq), argmax z.e (ibq), arithmetic (fsq, lfq)
-        ids = self.quantizer.export_search(self.quantizer.prepare_rows(flat))  # (N,)
+        rows = self.quantizer.prepare_rows(self.quantizer.to_lookup_space(flat))  # (N, c) fp32
+        ids = self.quantizer.export_search(rows)  # (N,)
         return rearrange(ids, "(b h w) -> b h w", b=b, h=h, w=w)
 
 

@@ -90,10 +90,9 @@ class Quantizer(nn.Module):
     def lookup_rows(self, z: Tensor) -> Tensor:
         """z -> (N, c) fp32 rows of the lookup space (after checks, projection and the kind's map)."""
         flat = self._flatten_checked(z)  # (N, D)
-        h = self._project_in(flat)  # (N, c) fp32
-        return self.prepare_rows(h.float())
+        return self.prepare_rows(self.to_lookup_space(flat))  # (N, c) fp32
 
-    def _project_in(self, flat: Tensor) -> Tensor:
+    def to_lookup_space(self, flat: Tensor) -> Tensor:
         """(N, D) -> (N, c) fp32 rows of the lookup space: the projection too runs in fp32 under autocast,
         since a bf16 projection flips signs (lfq) and nearest codes as surely as a bf16 search would."""
         if self.project_in is None:
@@ -181,9 +180,11 @@ class Quantizer(nn.Module):
         self.last_seen.copy_(torch.where(used, self.seen, self.last_seen))
         return counts
 
-    def _window_usage(self) -> Tensor:
-        """Fraction of codes used within the last usage_window indices (rounded out to whole batches)."""
-        recent = (self.last_seen > 0) & (self.last_seen > self.seen - self.config.usage_window)
+    def window_usage(self, window: int | None = None) -> Tensor:
+        """Fraction of codes used by real assignments within the last `window` training indices (default
+        usage_window), rounded out to whole batches; read from the counters, so any window fits."""
+        window = self.config.usage_window if window is None else window
+        recent = (self.last_seen > 0) & (self.last_seen > self.seen - window)
         return recent.float().mean()
 
     def _entropy_weight(self) -> Tensor:

@@ -25,7 +25,11 @@ _FSQ_TOP_LEVEL = 8
 
 VQ_ONLY = ("use_ema", "ema_decay", "ema_epsilon", "kmeans_init", "kmeans_iters", "dead_code_threshold",
            "affine_reparam", "affine_lr", "sync_nu", "rotation_trick", "restart_from", "l2_normalize")
-# Fields each kind does not read (must stay at their defaults).
+# A field a kind does not read may hold, beside its default: "off" for the two VQ remedies that default on
+# (kmeans_init, dead_code_threshold), and the entropy group size that every config written before the
+# default became 14 carries (9), so those folders and checkpoints still load.
+_ALSO_ACCEPTED_UNREAD = {"kmeans_init": False, "dead_code_threshold": 0, "entropy_group_bits": 9}
+# Fields each kind does not read (must stay at their defaults or the value above).
 _UNUSED: dict[str, tuple[str, ...]] = {
     "vq": ("fsq_levels", "entropy_group_bits"),
     "simvq": ("fsq_levels", "entropy_group_bits", "use_ema", "ema_decay", "ema_epsilon", "kmeans_init",
@@ -135,12 +139,8 @@ class QuantizerConfig:
             if not ok:
                 raise ValueError(f"QuantizerConfig: {message}")
         defaults = {f.name: f.default for f in fields(self)}
-        stray = [name for name in _UNUSED[self.kind] if getattr(self, name) != defaults[name]]
-        # kmeans_init / dead_code_threshold default on for vq; the kinds that do not read them ignore
-        # the default but refuse a value set on purpose only when it differs from "off" too.
-        stray = [n for n in stray if not (n in ("kmeans_init", "dead_code_threshold") and not getattr(self, n))]
-        # NOTE: configs written before the default became 14 carry entropy_group_bits = 9 for every kind.
-        stray = [n for n in stray if not (n == "entropy_group_bits" and self.entropy_group_bits == 9)]
+        stray = [name for name in _UNUSED[self.kind]
+                 if getattr(self, name) not in (defaults[name], _ALSO_ACCEPTED_UNREAD.get(name, defaults[name]))]
         if stray:
             raise ValueError(
                 f"QuantizerConfig: kind={self.kind!r} does not read {stray}; leave them at their defaults "

@@ -57,9 +57,9 @@ class FiniteScalarQuantizer(Quantizer):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         flat = self._flatten_checked(z)  # (N, D)
-        h = self._project_in(flat)  # (N, c) fp32
+        h = self.to_lookup_space(flat)  # (N, c) fp32
         with torch.autocast(device_type=z.device.type, enabled=False):
-            bounded = self.prepare_rows(h.float())  # (N, c)
+            bounded = self.prepare_rows(h)  # (N, c)
             finite = torch.isfinite(bounded.detach()).all(dim=1)
             safe = torch.where(finite.unsqueeze(1), bounded.detach(), 0.0)
             indices = self.search(safe)  # (N,)
@@ -73,7 +73,7 @@ class FiniteScalarQuantizer(Quantizer):
             batch_perplexity = perplexity(histogram(indices, self.config.num_codes))
             if self.training:
                 self._count(indices, finite)
-            usage = self._window_usage()
+            usage = self.window_usage()
         # A non-finite row stays non-finite in `out` (NaN - NaN), so it reaches the task loss.
         return self._output(z, out, indices, loss=loss, codebook_loss=zero, commitment_loss=zero,
                             entropy_loss=entropy_loss, perplexity=batch_perplexity, usage=usage)

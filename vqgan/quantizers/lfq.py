@@ -46,9 +46,8 @@ class LookupFreeQuantizer(Quantizer):
     def forward(self, z: Tensor) -> QuantizerOutput:
         cfg = self.config
         flat = self._flatten_checked(z)  # (N, D)
-        h = self._project_in(flat)  # (N, b) fp32
+        h = self.to_lookup_space(flat)  # (N, b) fp32
         with torch.autocast(device_type=z.device.type, enabled=False):
-            h = h.float()
             finite = torch.isfinite(h.detach()).all(dim=1)
             indices = self.search(torch.where(finite.unsqueeze(1), h.detach(), 0.0))  # (N,)
             h_q = self.codes_for(indices)  # (N, b) in {-1, +1}
@@ -64,6 +63,6 @@ class LookupFreeQuantizer(Quantizer):
             batch_perplexity = perplexity(histogram(indices, cfg.num_codes))
             if self.training:
                 self._count(indices, finite)
-            usage = self._window_usage()
+            usage = self.window_usage()
         return self._output(z, out, indices, loss=loss, codebook_loss=zero, commitment_loss=commitment_loss,
                             entropy_loss=entropy_loss, perplexity=batch_perplexity, usage=usage)

@@ -98,10 +98,10 @@ class VectorQuantizer(Quantizer):
         """z (B, D, H, W) or (N, D) -> QuantizerOutput; updates statistics only in training mode."""
         cfg = self.config
         flat = self._flatten_checked(z)  # (N, D)
-        h = self._project_in(flat)  # (N, c) fp32
+        h = self.to_lookup_space(flat)  # (N, c) fp32
         zero = flat.new_zeros((), dtype=torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
-            h = self.prepare_rows(h.float())
+            h = self.prepare_rows(h)
             if self.training:
                 finite = torch.isfinite(h.detach()).all(dim=1)  # (N,)
                 h_stats = torch.where(finite.unsqueeze(1), h.detach(), 0.0)  # (N, c), non-finite rows zeroed
@@ -122,7 +122,7 @@ class VectorQuantizer(Quantizer):
                 self._update_codebook(h_stats, indices, counts)
                 if self.restart_threshold > 0:
                     self._draw_restart_rows(h_stats, h_q.detach(), finite)
-            usage = self._window_usage()
+            usage = self.window_usage()
         return self._output(z, out, indices, loss=loss, codebook_loss=codebook_loss,
                             commitment_loss=commitment_loss, entropy_loss=entropy_loss,
                             perplexity=batch_perplexity, usage=usage)
