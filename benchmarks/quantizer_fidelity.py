@@ -7,11 +7,14 @@
    computed in the same run. Kinds whose lookup width is fixed (fsq, lfq) get learned linear maps
    48 -> c -> 48 around them, trained by the same optimizer; ibq gets affine maps 48 -> 48 -> 48 (its
    inner-product argmax cannot see a patch's scale; see `Wrapped`).
-2. Large codebooks: K = 16384 (vq l2 low-dim, simvq, ibq) and 2^14 / 2^18 (lfq, fsq) on the same
-   patches, PCA-whitened (the spread-out latents an encoder gives; see `whiten`); codes used by real
-   assignments over the last 65,536 training tokens, beside what uniform draws would use over that
-   window (98.2 % at 2^14; 22.1 % at 2^18, where a window holds at most 25 % of the codes), and over the
-   last 4K tokens, where uniform draws use 98.2 % at any K.
+2. Large codebooks: K = 16384 (vq l2 low-dim, simvq, ibq) and 2^14 / 2^18 (lfq, fsq) on patches from
+   a pool of up to 2^21 (1.7M: every position of the smaller photos; more distinct patches than 2^18
+   codes, which the patch test's pool of 2^18 could not give), PCA-whitened
+   (the spread-out latents an encoder gives; see `whiten`); codes used by real assignments over the last
+   65,536 training tokens, beside what uniform draws would use over that window (98.2 % at 2^14; 22.1 %
+   at 2^18, where a window holds at most 25 % of the codes), and over the last 4K tokens, where uniform
+   draws use 98.2 % at any K. Two untrained rows show what the data allows a codebook that is not fitted
+   to it: frozen Gaussian codes (simvq's starting point) and the signs of a random rotation (lfq's).
 3. Tokenizer: the `tiny` f4 preset (K = 256) per kind on 32 px crops of the embedded photos (shorter
    side 96 px, as the quickstart), L1 + quantizer loss; held-out PSNR and codes used on crops of the
    eval photos.
@@ -34,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe_machine  # noqa: E402
+from vqgan.utils import atomic_write_text  # noqa: E402
 from vqgan.data import EMBEDDED_EVAL, EMBEDDED_PHOTOS  # noqa: E402
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 from vqgan.quantize import QuantizerConfig, build_quantizer  # noqa: E402
@@ -221,6 +225,8 @@ LARGE_SETTINGS = {
     "fsq 2^14": dict(kind="fsq", num_codes=2**14),
     "fsq 2^14 (entropy 0.1, T 0.1, exact)": dict(kind="fsq", num_codes=2**14, entropy_weight=0.1,
                                                   entropy_temperature=0.1),
+    "fsq 2^14 (entropy 0.3, T 0.1, exact)": dict(kind="fsq", num_codes=2**14, entropy_weight=0.3,
+                                                  entropy_temperature=0.1),
     "lfq 2^18 (entropy 0.3, T 0.01, groups of 14 + 4 bits)": dict(kind="lfq", num_codes=2**18, entropy_weight=0.3,
                                                                  entropy_temperature=0.01),
     "fsq 2^18": dict(kind="fsq", num_codes=2**18),
@@ -229,8 +235,40 @@ LARGE_SETTINGS = {
 }
 
 
+def untrained_references(pool: torch.Tensor, seed: int) -> list[str]:
+    """Rows for codebooks that are not trained at all, assigning draws of the whitened pool.
+
+    simvq's codes are frozen N(0, 1) vectors through one linear map, and the data's covariance is already
+    the identity: the usage of frozen N(0, s^2 I) codes (best of a few s) shows what its map starts from
+    on these latents. Signs of a random rotation are an untrained lfq.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    draws = pool[torch.randint(pool.shape[0], (4 * 2**18,), generator=generator)]  # the longest window
+    window = draws[:WINDOW]
+
+    def used(indices: Tensor, k: int) -> float:
+        return float(torch.bincount(indices, minlength=k).gt(0).float().mean())
+
+    codes = torch.randn(16384, pool.shape[1], generator=generator)
+    gaussian, scale = max((used(nearest_code(window, codes * s, 4096), 16384), s) for s in (0.1, 0.3, 0.5, 1.0))
+    rotation = torch.linalg.qr(torch.randn(pool.shape[1], pool.shape[1], generator=generator))[0]
+
+    def signs(rows: Tensor, bits: int) -> Tensor:
+        return ((rows @ rotation[:, :bits] > 0).long() << torch.arange(bits)).sum(dim=1)
+
+    rows = [f"| untrained: frozen N(0, {scale}^2) codes, K=16384 (the best of 4 scales) | {gaussian:.1%} | "
+            f"{uniform_ceiling(16384, WINDOW):.1%} | | 0 |"]
+    for bits in (14, 18):
+        k = 2**bits
+        rows.append(f"| untrained: signs of a random rotation, 2^{bits} | {used(signs(window, bits), k):.1%} | "
+                    f"{uniform_ceiling(k, WINDOW):.1%} | {used(signs(draws[: 4 * k], bits), k):.1%} over {4 * k:,} | 0 |")
+    return rows
+
+
 def large_codebooks(args, pool, rows: list[str]) -> None:
     pool = whiten(pool)
+    rows += untrained_references(pool, args.seed)
+    print(*rows[-3:], sep="\n", flush=True)
     for name, kw in LARGE_SETTINGS.items():
         if any(word in name for word in args.large_skip):
             continue
@@ -321,14 +359,18 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=200)
     parser.add_argument("--large-batch", type=int, default=8192)
     parser.add_argument("--large-lr", type=float, default=1e-2)
+    parser.add_argument("--large-pool", type=int, default=2**21,
+                        help="training patches of the large-codebook test (more than 2^18 distinct ones)")
     parser.add_argument("--large-skip", nargs="*", default=[], help="skip large codebooks whose name has these words")
     parser.add_argument("--tokenizer-steps", type=int, default=400)
-    parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None)
+    parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None,
+                        help="run one test; its section replaces the same section of the results file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pool, args.lloyd_iters, args.large_steps, args.large_batch = 60, 32768, 20, 10, 4096
+        args.large_pool = 65536
         args.tokenizer_steps = 10
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -339,11 +381,10 @@ def main() -> None:
     # but inner-product search (ibq) would otherwise send every patch to the longest code.
     mean = pool.mean(dim=0)
     pool, held_out = pool - mean, held_out - mean
+    run = f"Run: `{' '.join(sys.argv)}` on {describe_machine(torch.device('cpu'))}."  # in each section (see --only)
     lines = [
         "# Quantizer fidelity",
         "",
-        f"- Machine: {describe_machine(torch.device('cpu'))}",
-        f"- Command: `{' '.join(sys.argv)}`",
         f"- Data: 4x4 RGB patches (D=48) in [0, 1]; training pool {pool.shape[0]:,} patches of "
         f"{[n for n in EMBEDDED_PHOTOS if n not in EMBEDDED_EVAL]}; held out: all {held_out.shape[0]:,} "
         f"non-overlapping patches of {list(EMBEDDED_EVAL)}.",
@@ -355,25 +396,50 @@ def main() -> None:
         rows = ["| K = 1024 | held-out PSNR (dB) | codes used (held out) | perplexity | time (s) |",
                 "| --- | --- | --- | --- | --- |"]
         patch_test(args, pool, held_out, rows)
-        lines += ["## Patch test, K = 1024", "", *rows, ""]
+        lines += ["## Patch test, K = 1024", "", run, "", *rows, ""]
     if args.only in (None, "large"):
         rows = [f"| codebook | used over the last {WINDOW:,} training tokens | the same if codes were drawn "
                 f"uniformly | used over the last 4K tokens (uniform draws: {uniform_ceiling(2**14, 2**16):.1%}) | "
                 "time (s) |", "| --- | --- | --- | --- | --- |"]
-        large_codebooks(args, pool, rows)
+        large_pool = training_pool(args.large_pool, torch.Generator().manual_seed(args.seed))
+        large_codebooks(args, large_pool, rows)
         lines += [f"## Large codebooks ({args.large_steps} steps of {args.large_batch} PCA-whitened patches, "
-                  f"lr {args.large_lr})", "", *rows, ""]
+                  f"lr {args.large_lr}, pool of {large_pool.shape[0]:,})", "", run, "", *rows, ""]
     if args.only in (None, "tokenizer"):
         rows = [f"| tiny f4 tokenizer, K = 256 | held-out PSNR (dB) | codes used by 64 held-out crops "
                 "(4,096 tokens) | time (s) |", "| --- | --- | --- | --- |"]
         tokenizer_test(args, rows)
         lines += [f"## Tokenizer: `tiny` preset, {args.tokenizer_steps} Adam steps (lr 4e-4) of 16 crops of 32 px, "
-                  "L1 + quantizer loss (no GAN, no LPIPS)", "", *rows, ""]
+                  "L1 + quantizer loss (no GAN, no LPIPS)", "", run, "", *rows, ""]
     text = "\n".join(lines)
-    print(text)
     out = Path(__file__).parent / "results" / ("quantizer_fidelity_quick.md" if args.quick else "quantizer_fidelity.md")
-    out.write_text(text + "\n")
+    if args.only and out.exists():
+        text = merged_sections(out.read_text(), text)
+    print(text)
+    atomic_write_text(out, text + "\n")
     print(f"wrote {out}")
+
+
+def section_key(section: str) -> str:
+    """'## Large codebooks (200 steps ...)' -> 'Large codebooks': a section's name without its parameters."""
+    heading = section.splitlines()[0].removeprefix("## ")
+    return heading.split(" (")[0].split(":")[0].split(",")[0]
+
+
+def merged_sections(earlier: str, latest: str) -> str:
+    """The latest run's header and sections, with the earlier file's other sections kept in their place.
+
+    `--only` reruns one test; the others stay as measured (each section names its own run).
+    """
+    def sections(text: str) -> tuple[str, list[str]]:
+        header, *rest = text.rstrip("\n").split("\n## ")
+        return header, ["## " + part for part in rest]
+
+    _, old_sections = sections(earlier)
+    header, new_sections = sections(latest)
+    replacements = {section_key(s): s for s in new_sections}
+    kept = [replacements.pop(section_key(s), s) for s in old_sections]
+    return "\n\n".join([header.rstrip("\n"), *(s.rstrip("\n") for s in kept + list(replacements.values()))])
 
 
 if __name__ == "__main__":
