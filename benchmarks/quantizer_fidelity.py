@@ -41,11 +41,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe_machine  # noqa: E402
-from vqgan.utils import atomic_write_text  # noqa: E402
 from vqgan.data import EMBEDDED_EVAL, EMBEDDED_PHOTOS  # noqa: E402
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 from vqgan.quantize import QuantizerConfig, build_quantizer  # noqa: E402
 from vqgan.quantize_utils import kmeans_plus_plus, nearest_code  # noqa: E402
+from vqgan.utils import atomic_write_text  # noqa: E402
 
 PATCH = 4
 WINDOW = 65536
@@ -75,6 +75,11 @@ def training_pool(size: int, generator: torch.Generator) -> torch.Tensor:
         parts.append(all_patches[take])
     pool = torch.cat(parts)
     return pool[torch.randperm(pool.shape[0], generator=generator)[:size]].contiguous()
+
+
+def fraction_used(indices: Tensor, num_codes: int) -> float:
+    """(N,) code indices -> the fraction of the num_codes codes they use."""
+    return float(torch.bincount(indices, minlength=num_codes).gt(0).float().mean())
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -143,7 +148,7 @@ def evaluate(model: Wrapped, held_out: torch.Tensor) -> tuple[float, float, floa
     model.train()
     counts = torch.bincount(out.indices, minlength=model.quantizer.config.num_codes).float()
     p = counts / counts.sum()
-    return psnr(out.quantized, held_out), float((counts > 0).float().mean()), float(torch.exp(-torch.xlogy(p, p).sum()))
+    return psnr(out.quantized, held_out), fraction_used(out.indices, counts.numel()), float(torch.exp(-torch.xlogy(p, p).sum()))
 
 
 VQ_SETTINGS = {
@@ -182,7 +187,7 @@ def patch_test(args, pool, held_out, rows: list[str]) -> None:
     counts = torch.bincount(assign, minlength=k).float()
     p = counts / counts.sum()
     rows.append(f"| full Lloyd k-means ({iters} iterations on the {pool.shape[0]:,}-patch pool) | "
-                f"{psnr(centres[assign], held_out):.2f} | {(counts > 0).float().mean():.1%} | "
+                f"{psnr(centres[assign], held_out):.2f} | {fraction_used(assign, k):.1%} | "
                 f"{torch.exp(-torch.xlogy(p, p).sum()):.0f} | {km_time:.0f} |")
     print(rows[-1], flush=True)
     settings = {name: dict(kind="vq", **kw) for name, kw in VQ_SETTINGS.items()}
@@ -235,33 +240,33 @@ LARGE_SETTINGS = {
 }
 
 
-def untrained_references(pool: torch.Tensor, seed: int) -> list[str]:
-    """Rows for codebooks that are not trained at all, assigning draws of the whitened pool.
+def untrained_references(pool: Tensor, seed: int) -> list[str]:
+    """Table rows for codebooks fitted to nothing, assigning draws of the whitened (n, 48) pool.
 
-    simvq's codes are frozen N(0, 1) vectors through one linear map, and the data's covariance is already
-    the identity: the usage of frozen N(0, s^2 I) codes (best of a few s) shows what its map starts from
-    on these latents. Signs of a random rotation are an untrained lfq.
+    - Frozen isotropic Gaussian codes N(0, s^2 I), K = 16384, at the best of four scales s chosen on the
+      window itself: simvq's codes are frozen Gaussian vectors through one linear map, and these are the
+      codebooks that map reaches by scaling alone (the pool's covariance is already I). An optimistic
+      reference, not simvq's start (its map starts random).
+    - Signs of the first 14 or 18 coordinates of a random rotation: an lfq whose projection is a rotation.
     """
     generator = torch.Generator().manual_seed(seed)
-    draws = pool[torch.randint(pool.shape[0], (4 * 2**18,), generator=generator)]  # the longest window
-    window = draws[:WINDOW]
-
-    def used(indices: Tensor, k: int) -> float:
-        return float(torch.bincount(indices, minlength=k).gt(0).float().mean())
-
-    codes = torch.randn(16384, pool.shape[1], generator=generator)
-    gaussian, scale = max((used(nearest_code(window, codes * s, 4096), 16384), s) for s in (0.1, 0.3, 0.5, 1.0))
-    rotation = torch.linalg.qr(torch.randn(pool.shape[1], pool.shape[1], generator=generator))[0]
+    draws = pool[torch.randint(pool.shape[0], (4 * 2**18,), generator=generator)]  # (4 * 2^18, 48): the longest window
+    window = draws[:WINDOW]  # (65536, 48)
+    codes = torch.randn(16384, pool.shape[1], generator=generator)  # (K, 48)
+    gaussian, scale = max((fraction_used(nearest_code(window, codes * s, 4096), 16384), s) for s in (0.1, 0.3, 0.5, 1.0))
+    rotation = torch.linalg.qr(torch.randn(pool.shape[1], pool.shape[1], generator=generator))[0]  # (48, 48)
 
     def signs(rows: Tensor, bits: int) -> Tensor:
+        """(n, 48) -> (n,) the index whose bit i is the sign of rotated coordinate i."""
         return ((rows @ rotation[:, :bits] > 0).long() << torch.arange(bits)).sum(dim=1)
 
-    rows = [f"| untrained: frozen N(0, {scale}^2) codes, K=16384 (the best of 4 scales) | {gaussian:.1%} | "
-            f"{uniform_ceiling(16384, WINDOW):.1%} | | 0 |"]
+    rows = [f"| untrained: frozen N(0, {scale}^2 I) codes, K=16384 (the best of 4 scales, chosen on this window) | "
+            f"{gaussian:.1%} | {uniform_ceiling(16384, WINDOW):.1%} | {gaussian:.1%} over {WINDOW:,} | 0 |"]
     for bits in (14, 18):
         k = 2**bits
-        rows.append(f"| untrained: signs of a random rotation, 2^{bits} | {used(signs(window, bits), k):.1%} | "
-                    f"{uniform_ceiling(k, WINDOW):.1%} | {used(signs(draws[: 4 * k], bits), k):.1%} over {4 * k:,} | 0 |")
+        rows.append(f"| untrained: signs of a random rotation, 2^{bits} | {fraction_used(signs(window, bits), k):.1%} | "
+                    f"{uniform_ceiling(k, WINDOW):.1%} | {fraction_used(signs(draws[: 4 * k], bits), k):.1%} over "
+                    f"{4 * k:,} | 0 |")
     return rows
 
 
@@ -277,7 +282,7 @@ def large_codebooks(args, pool, rows: list[str]) -> None:
         config = QuantizerConfig(dim=48, **kw)
         model, _, seconds = train_quantizer(config, pool, args.large_steps, args.large_batch, lr, args.seed)
         k = config.num_codes
-        long_window = 4 * k  # the window over which uniform draws would see 98.2 % of the codes
+        long_window = min(4 * k, args.large_steps * args.large_batch)  # 4K: uniform draws would see 98.2 %
         used, used_long = (float(model.quantizer.window_usage(w)) for w in (WINDOW, long_window))
         rows.append(f"| {name} | {used:.1%} | {uniform_ceiling(k, WINDOW):.1%} | "
                     f"{used_long:.1%} over {long_window:,} | {seconds:.0f} |")
@@ -369,7 +374,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.pool, args.lloyd_iters, args.large_steps, args.large_batch = 60, 32768, 20, 10, 4096
+        args.steps, args.pool, args.lloyd_iters, args.large_steps, args.large_batch = 60, 32768, 20, 16, 4096
         args.large_pool = 65536
         args.tokenizer_steps = 10
     if args.threads:
@@ -420,26 +425,28 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+SECTIONS = ("Patch test", "Large codebooks", "Tokenizer")  # in the order main() writes them
+
+
 def section_key(section: str) -> str:
     """'## Large codebooks (200 steps ...)' -> 'Large codebooks': a section's name without its parameters."""
     heading = section.splitlines()[0].removeprefix("## ")
-    return heading.split(" (")[0].split(":")[0].split(",")[0]
+    return next((name for name in SECTIONS if heading.startswith(name)), heading)
 
 
 def merged_sections(earlier: str, latest: str) -> str:
-    """The latest run's header and sections, with the earlier file's other sections kept in their place.
+    """An `--only` run's results file: the earlier file with the latest run's sections in place of theirs.
 
-    `--only` reruns one test; the others stay as measured (each section names its own run).
+    The earlier header is kept (it describes the sections kept); each section names its own run.
     """
-    def sections(text: str) -> tuple[str, list[str]]:
-        header, *rest = text.rstrip("\n").split("\n## ")
-        return header, ["## " + part for part in rest]
+    def split(text: str) -> tuple[str, dict[str, str]]:
+        header, *parts = text.rstrip("\n").split("\n## ")
+        return header.rstrip("\n"), {section_key("## " + part): "## " + part.rstrip("\n") for part in parts}
 
-    _, old_sections = sections(earlier)
-    header, new_sections = sections(latest)
-    replacements = {section_key(s): s for s in new_sections}
-    kept = [replacements.pop(section_key(s), s) for s in old_sections]
-    return "\n\n".join([header.rstrip("\n"), *(s.rstrip("\n") for s in kept + list(replacements.values()))])
+    header, sections = split(earlier)
+    sections.update(split(latest)[1])
+    order = sorted(sections, key=lambda name: SECTIONS.index(name) if name in SECTIONS else len(SECTIONS))
+    return "\n\n".join([header, *(sections[name] for name in order)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""benchmarks/quantizer_fidelity.py --only: one test's section replaces its own, the rest is kept."""
+
+from benchmarks.quantizer_fidelity import merged_sections, section_key
+
+EARLIER = """# Quantizer fidelity
+
+- Data: the earlier run's
+
+## Patch test, K = 1024
+
+Run: earlier
+
+| patch rows |
+
+## Tokenizer: `tiny` preset, 400 Adam steps
+
+Run: earlier
+
+| tokenizer rows |
+"""
+
+
+def test_section_key_drops_the_parameters():
+    assert section_key("## Large codebooks (200 steps, lr 0.01)\n\nrows") == "Large codebooks"
+    assert section_key("## Tokenizer: `tiny` preset, 400 steps") == "Tokenizer"
+    assert section_key("## Patch test, K = 1024") == "Patch test"
+
+
+def test_only_run_replaces_its_section_and_keeps_the_others_in_order():
+    latest = "# Quantizer fidelity\n\n- Data: the latest run's\n\n## Large codebooks (10 steps)\n\nRun: latest\n\n| large |\n"
+    merged = merged_sections(EARLIER, latest)
+    assert merged.index("## Patch test") < merged.index("## Large codebooks") < merged.index("## Tokenizer")
+    assert "- Data: the earlier run's" in merged and "the latest run's" not in merged  # header of the kept sections
+    assert merged.count("Run: earlier") == 2 and "| large |" in merged
+
+    rerun = "# Quantizer fidelity\n\n## Patch test, K = 1024\n\nRun: latest\n\n| new patch rows |\n"
+    again = merged_sections(merged, rerun)
+    assert "| patch rows |" not in again and "| new patch rows |" in again
+    assert again.count("## ") == 3 and again.index("## Patch test") < again.index("## Large codebooks")
