@@ -77,6 +77,11 @@ def training_pool(size: int, generator: torch.Generator) -> torch.Tensor:
     return pool[torch.randperm(pool.shape[0], generator=generator)[:size]].contiguous()
 
 
+def selected(name: str, args) -> bool:
+    """Whether a table row runs: every row, or with --rows those whose name holds one of its words."""
+    return args.rows is None or any(word in name for word in args.rows)
+
+
 def fraction_used(indices: Tensor, num_codes: int) -> float:
     """(N,) code indices -> the fraction of the num_codes codes they use."""
     return float(torch.bincount(indices, minlength=num_codes).gt(0).float().mean())
@@ -168,9 +173,11 @@ def kind_settings(k: int) -> dict[str, dict]:
     levels = QuantizerConfig(kind="fsq", num_codes=k, dim=48).levels
     return {
         "simvq": dict(kind="simvq"),
-        "ibq (affine maps, no entropy)": dict(kind="ibq", dead_code_threshold=0),
-        "ibq (affine maps, entropy 0.05, T 0.01: its recipe)": dict(kind="ibq", dead_code_threshold=0,
-                                                                   entropy_weight=0.05, entropy_temperature=0.01),
+        "ibq (affine maps, no entropy, no restarts)": dict(kind="ibq", dead_code_threshold=0),
+        "ibq (affine maps, entropy 0.05, T 0.01, no restarts: SEED-Voken's)": dict(
+            kind="ibq", dead_code_threshold=0, entropy_weight=0.05, entropy_temperature=0.01),
+        "ibq (affine maps, entropy 0.05, T 0.01, with restarts: its recipe)": dict(
+            kind="ibq", entropy_weight=0.05, entropy_temperature=0.01),
         f"fsq (levels {levels})": dict(kind="fsq"),
         f"fsq (levels {levels}, entropy 0.1, T 0.1)": dict(kind="fsq", entropy_weight=0.1, entropy_temperature=0.1),
         f"lfq ({bits} bits, entropy 0.1, T 0.01)": dict(kind="lfq", entropy_weight=0.1, entropy_temperature=0.01),
@@ -179,20 +186,23 @@ def kind_settings(k: int) -> dict[str, dict]:
 
 def patch_test(args, pool, held_out, rows: list[str]) -> None:
     k = 1024
-    torch.manual_seed(args.seed)  # k-means++ draws from the global generator
-    start = time.perf_counter()
-    centres, iters = lloyd(pool, k, args.lloyd_iters)
-    km_time = time.perf_counter() - start
-    assign = nearest_code(held_out, centres, 4096)
-    counts = torch.bincount(assign, minlength=k).float()
-    p = counts / counts.sum()
-    rows.append(f"| full Lloyd k-means ({iters} iterations on the {pool.shape[0]:,}-patch pool) | "
-                f"{psnr(centres[assign], held_out):.2f} | {fraction_used(assign, k):.1%} | "
-                f"{torch.exp(-torch.xlogy(p, p).sum()):.0f} | {km_time:.0f} |")
-    print(rows[-1], flush=True)
+    if selected("full Lloyd k-means", args):
+        torch.manual_seed(args.seed)  # k-means++ draws from the global generator
+        start = time.perf_counter()
+        centres, iters = lloyd(pool, k, args.lloyd_iters)
+        km_time = time.perf_counter() - start
+        assign = nearest_code(held_out, centres, 4096)
+        counts = torch.bincount(assign, minlength=k).float()
+        p = counts / counts.sum()
+        rows.append(f"| full Lloyd k-means ({iters} iterations on the {pool.shape[0]:,}-patch pool) | "
+                    f"{psnr(centres[assign], held_out):.2f} | {fraction_used(assign, k):.1%} | "
+                    f"{torch.exp(-torch.xlogy(p, p).sum()):.0f} | {km_time:.0f} |")
+        print(rows[-1], flush=True)
     settings = {name: dict(kind="vq", **kw) for name, kw in VQ_SETTINGS.items()}
     settings.update(kind_settings(k))
     for name, kw in settings.items():
+        if not selected(name, args):
+            continue
         config = QuantizerConfig(num_codes=k, dim=48, **kw)
         model, _, seconds = train_quantizer(config, pool, args.steps, args.batch, args.lr, args.seed)
         value, used, ppl = evaluate(model, held_out)
@@ -221,8 +231,10 @@ LARGE_SETTINGS = {
     "vq l2 low-dim (code_dim 8), K=16384": dict(num_codes=16384, code_dim=8, l2_normalize=True),
     "simvq, K=16384": dict(kind="simvq", num_codes=16384),
     "simvq, K=16384, lr 2e-3": dict(kind="simvq", num_codes=16384, lr=2e-3),
-    "ibq, K=16384 (entropy 0.05, T 0.01)": dict(kind="ibq", num_codes=16384, entropy_weight=0.05,
-                                                 entropy_temperature=0.01, dead_code_threshold=0),
+    "ibq, K=16384 (entropy 0.05, T 0.01, no restarts)": dict(kind="ibq", num_codes=16384, entropy_weight=0.05,
+                                                              entropy_temperature=0.01, dead_code_threshold=0),
+    "ibq, K=16384 (entropy 0.05, T 0.01, with restarts)": dict(kind="ibq", num_codes=16384, entropy_weight=0.05,
+                                                                entropy_temperature=0.01),
     "lfq 2^14 (entropy 0.3, T 0.01, groups of 9 bits)": dict(kind="lfq", num_codes=2**14, entropy_weight=0.3,
                                                             entropy_temperature=0.01, entropy_group_bits=9),
     "lfq 2^14 (entropy 0.3, T 0.01, exact: one group) [defaults but the weight]": dict(
@@ -272,10 +284,11 @@ def untrained_references(pool: Tensor, seed: int) -> list[str]:
 
 def large_codebooks(args, pool, rows: list[str]) -> None:
     pool = whiten(pool)
-    rows += untrained_references(pool, args.seed)
-    print(*rows[-3:], sep="\n", flush=True)
+    if selected("untrained", args):
+        rows += untrained_references(pool, args.seed)
+        print(*rows[-3:], sep="\n", flush=True)
     for name, kw in LARGE_SETTINGS.items():
-        if any(word in name for word in args.large_skip):
+        if not selected(name, args):
             continue
         kw = dict(kw)
         lr = kw.pop("lr", args.large_lr)
@@ -320,15 +333,19 @@ def tokenizer_test(args, rows: list[str]) -> None:
         "vq plain (no k-means, no restarts)": dict(kind="vq", kmeans_init=False, dead_code_threshold=0),
         "vq l2 code_dim 8": dict(kind="vq", code_dim=8, l2_normalize=True),
         "simvq": dict(kind="simvq"),
-        "ibq (no entropy)": dict(kind="ibq", dead_code_threshold=0),
-        "ibq (entropy 0.05, T 0.01)": dict(kind="ibq", entropy_weight=0.05, entropy_temperature=0.01,
-                                           dead_code_threshold=0),
+        "ibq (no entropy, no restarts)": dict(kind="ibq", dead_code_threshold=0),
+        "ibq (no entropy, with restarts: the defaults)": dict(kind="ibq"),
+        "ibq (entropy 0.05, T 0.01, no restarts)": dict(kind="ibq", entropy_weight=0.05, entropy_temperature=0.01,
+                                                        dead_code_threshold=0),
+        "ibq (entropy 0.05, T 0.01, with restarts)": dict(kind="ibq", entropy_weight=0.05, entropy_temperature=0.01),
         "fsq (8, 8, 4)": dict(kind="fsq"),
         "fsq (8, 8, 4), entropy 0.1, T 0.1": dict(kind="fsq", entropy_weight=0.1, entropy_temperature=0.1),
         "lfq (8 bits, entropy 0.1, T 0.01)": dict(kind="lfq", entropy_weight=0.1, entropy_temperature=0.01),
     }
     base = preset("tiny")
     for name, kw in settings.items():
+        if not selected(name, args):
+            continue
         torch.manual_seed(args.seed)
         config = replace(base, quantizer=QuantizerConfig(num_codes=256, dim=base.quantizer.dim, **kw))
         model = VQModel(config)
@@ -366,10 +383,12 @@ def main() -> None:
     parser.add_argument("--large-lr", type=float, default=1e-2)
     parser.add_argument("--large-pool", type=int, default=2**21,
                         help="training patches of the large-codebook test (more than 2^18 distinct ones)")
-    parser.add_argument("--large-skip", nargs="*", default=[], help="skip large codebooks whose name has these words")
     parser.add_argument("--tokenizer-steps", type=int, default=400)
     parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None,
                         help="run one test; its section replaces the same section of the results file")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="run only the rows whose name holds one of these words; they replace the rows of "
+                             "the same name in the results file and every other row is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -418,8 +437,8 @@ def main() -> None:
                   "L1 + quantizer loss (no GAN, no LPIPS)", "", run, "", *rows, ""]
     text = "\n".join(lines)
     out = Path(__file__).parent / "results" / ("quantizer_fidelity_quick.md" if args.quick else "quantizer_fidelity.md")
-    if args.only and out.exists():
-        text = merged_sections(out.read_text(), text)
+    if (args.only or args.rows) and out.exists():
+        text = merged_sections(out.read_text(), text, rows_only=args.rows is not None)
     print(text)
     atomic_write_text(out, text + "\n")
     print(f"wrote {out}")
@@ -434,19 +453,42 @@ def section_key(section: str) -> str:
     return next((name for name in SECTIONS if heading.startswith(name)), heading)
 
 
-def merged_sections(earlier: str, latest: str) -> str:
-    """An `--only` run's results file: the earlier file with the latest run's sections in place of theirs.
+def merged_sections(earlier: str, latest: str, rows_only: bool = False) -> str:
+    """An `--only` / `--rows` run's results file: the earlier file with the latest run's sections (with
+    rows_only: its rows) in place of theirs.
 
-    The earlier header is kept (it describes the sections kept); each section names its own run.
+    The earlier header is kept (it describes the sections kept); each section names its own runs.
     """
     def split(text: str) -> tuple[str, dict[str, str]]:
         header, *parts = text.rstrip("\n").split("\n## ")
         return header.rstrip("\n"), {section_key("## " + part): "## " + part.rstrip("\n") for part in parts}
 
     header, sections = split(earlier)
-    sections.update(split(latest)[1])
+    for name, section in split(latest)[1].items():
+        sections[name] = merged_rows(sections[name], section) if rows_only and name in sections else section
     order = sorted(sections, key=lambda name: SECTIONS.index(name) if name in SECTIONS else len(SECTIONS))
     return "\n\n".join([header, *(sections[name] for name in order)])
+
+
+def merged_rows(earlier: str, latest: str) -> str:
+    """One section: the latest run's table rows replace the earlier rows of the same name (new names go
+    after the last row), and a line under the earlier text names the rows re-measured and their run."""
+    def body_rows(lines: list[str]) -> list[int]:  # indices of table rows below the header and the rule
+        return [i for i, line in enumerate(lines) if line.startswith("|")][2:]
+
+    def row_name(line: str) -> str:
+        return line.split("|")[1].strip()
+
+    lines, new_lines = earlier.split("\n"), latest.split("\n")
+    new_rows = {row_name(new_lines[i]): new_lines[i] for i in body_rows(new_lines)}
+    old_rows = body_rows(lines)
+    for i in old_rows:
+        lines[i] = new_rows.get(row_name(lines[i]), lines[i])
+    added = [row for name, row in new_rows.items() if name not in {row_name(lines[i]) for i in old_rows}]
+    end = old_rows[-1] + 1 if old_rows else len(lines)
+    lines[end:end] = added
+    run = next((line for line in new_lines if line.startswith("Run:")), "")
+    return "\n".join([*lines, "", f"Re-measured since: {', '.join(new_rows)}. {run}"])
 
 
 if __name__ == "__main__":

@@ -37,3 +37,15 @@ def test_only_run_replaces_its_section_and_keeps_the_others_in_order():
     again = merged_sections(merged, rerun)
     assert "| patch rows |" not in again and "| new patch rows |" in again
     assert again.count("## ") == 3 and again.index("## Patch test") < again.index("## Large codebooks")
+
+
+def test_rows_run_replaces_rows_of_the_same_name_and_adds_new_ones_after_the_last():
+    earlier = merged_sections(EARLIER, EARLIER.replace("| patch rows |", "| h | h |\n| --- | --- |\n| a | 1 |\n| b | 2 |"))
+    latest = ("# Quantizer fidelity\n\n## Patch test, K = 1024\n\nRun: latest\n\n"
+              "| h | h |\n| --- | --- |\n| b | 20 |\n| c | 30 |\n")
+    merged = merged_sections(earlier, latest, rows_only=True)
+    patch = merged[merged.index("## Patch test"):merged.index("## Tokenizer")]
+    assert "| a | 1 |\n| b | 20 |\n| c | 30 |" in patch  # b replaced in place, c after the last row
+    assert "| b | 2 |" not in patch and patch.count("| h | h |") == 1
+    assert "Run: earlier" in patch and "Re-measured since: b, c. Run: latest" in patch
+    assert "| tokenizer rows |" in merged

@@ -20,12 +20,12 @@ from vqgan.quantizers.lfq import lfq_entropy_terms
 
 
 # Every kind with its defaults, and beside them the settings README / the quickstart recommend where
-# those differ (the entropy terms; ibq without restarts).
+# those differ (the entropy terms).
 CASES = {
     "vq": ("vq", {}),
     "simvq": ("simvq", {}),
     "ibq": ("ibq", {}),
-    "ibq+entropy": ("ibq", {"entropy_weight": 0.05, "entropy_temperature": 0.01, "dead_code_threshold": 0}),
+    "ibq+entropy": ("ibq", {"entropy_weight": 0.05, "entropy_temperature": 0.01}),
     "fsq": ("fsq", {}),
     "fsq+entropy": ("fsq", {"entropy_weight": 0.1, "entropy_temperature": 0.1}),
     "lfq": ("lfq", {}),
@@ -252,6 +252,20 @@ def test_ibq_picks_the_largest_inner_product_and_its_gradient_reaches_unselected
     assert z.grad.abs().sum() > 0
 
 
+def test_ibq_restarts_take_a_rows_direction_at_the_live_codes_mean_norm():
+    q = build_quantizer(QuantizerConfig(kind="ibq", num_codes=4, dim=2, dead_code_threshold=1))
+    with torch.no_grad():  # codes 0, 1 live (norms 2 and 4); codes 2, 3 lose every argmax
+        q.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 4.0], [-0.01, -0.01], [-0.02, -0.01]]))
+    fitted = torch.tensor([[2.0, 0.0], [0.0, 4.0]]).repeat(30, 1)  # zero error rows
+    long_row = torch.tensor([[30.0, 40.0]])  # the only error: the first restart's candidate
+    q(torch.cat([fitted, long_row]))
+    q(torch.cat([fitted, long_row]))  # restarted before this lookup
+    restarted = q.weight.detach()[2]
+    assert torch.allclose(restarted, torch.tensor([0.6, 0.8]) * 3.0)  # the row's direction, norm (2 + 4) / 2
+    # a copy of the row itself (norm 50) would also take code 1's rows (50 * 0.8 > 4); at norm 3 it does not
+    assert q.search(torch.tensor([[4.0, 3.0], [0.0, 4.0]])).tolist() == [2, 1]
+
+
 def test_ibq_entropy_penalty_stays_finite_when_the_softmax_leaves_codes_exactly_empty():
     """N(0, 1) codes at T = 0.01 give logits of thousands: most codes get probability exactly 0, where
     xlogy's gradient would be NaN."""
@@ -402,7 +416,8 @@ def test_lfq_and_ibq_recipes_follow_their_sources():
     assert lfq.model.autoencoder.z_channels == 18  # Open-MAGVIT2: no projection around the quantizer
     ibq = load_train_config("recipes/imagenet256_f16_ibq.yaml", [])
     q = ibq.model.quantizer
-    assert (q.kind, q.num_codes, q.lookup_dim, q.entropy_weight, q.dead_code_threshold) == ("ibq", 16384, 256, 0.05, 0)
+    assert (q.kind, q.num_codes, q.lookup_dim, q.entropy_weight) == ("ibq", 16384, 256, 0.05)
+    assert q.dead_code_threshold == 10  # SEED-Voken has no restarts; ours keep the codes' norm and measure better
 
 
 # -- ranks -------------------------------------------------------------------------------------------

@@ -125,3 +125,16 @@ class IndexBackpropQuantizer(VectorQuantizer):
 
     def _entropy(self, h: Tensor, codes: Tensor) -> Tensor:
         return entropy_penalty(h, codes, self.config.entropy_temperature, self.config.chunk_size, inner_product=True)
+
+    def _restart_vectors(self, rows: Tensor, dead: Tensor) -> Tensor:
+        """Restarted codes: the candidate rows' directions at the live codes' mean norm.
+
+        Under an argmax of z.e a code's norm decides how many rows it wins. A row copied as it is (and
+        the error-weighted draw favours long rows) would take the rows of every code near it, and a short
+        one would win none: restarts that kept the rows' norms collapsed the tiny tokenizer (0.4 % of codes
+        used), these reach 98.4 % (benchmarks/results/quantizer_fidelity.md).
+        """
+        live = (~dead).float()  # (K,)
+        live_norm = (self.codebook.detach().norm(dim=1) * live).sum() / live.sum().clamp_min(1.0)
+        norm = torch.where(live.sum() > 0, live_norm, rows.norm(dim=1).mean())  # no live code: the rows' own
+        return F.normalize(rows, dim=1) * norm

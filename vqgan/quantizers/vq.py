@@ -216,10 +216,12 @@ class VectorQuantizer(Quantizer):
         num_codes = self.config.num_codes
         dead = (self.step - self.last_used_step) >= self.restart_threshold  # (K,), same on all ranks
         rank = (torch.cumsum(dead.long(), 0) - 1).clamp(min=0)  # (K,) position among the dead codes
-        rows = self.restart_rows[rank]  # (K, c)
-        if self.config.l2_normalize:
-            rows = F.normalize(rows, dim=1)
+        rows = self._restart_vectors(self.restart_rows[rank], dead)  # (K, c)
         self._write_codes(torch.arange(num_codes, device=rows.device), rows, mask=dead)
+
+    def _restart_vectors(self, rows: Tensor, dead: Tensor) -> Tensor:
+        """(K, c) candidate rows, (K,) dead mask -> the codes a restart writes (unit length with l2_normalize)."""
+        return F.normalize(rows, dim=1) if self.config.l2_normalize else rows
 
     def _write_codes(self, rows: Tensor, vectors: Tensor, mask: Tensor | None = None) -> None:
         """Make the effective codes at `rows` equal `vectors` (inverting the affine map) and reset their age.
