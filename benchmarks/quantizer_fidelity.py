@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -80,6 +81,11 @@ def training_pool(size: int, generator: torch.Generator) -> torch.Tensor:
 def selected(name: str, args) -> bool:
     """Whether a table row runs: every row, or with --rows those whose name holds one of its words."""
     return args.rows is None or any(word in name for word in args.rows)
+
+
+def reference_rows(args) -> bool:
+    """Whether the k-means and untrained reference rows run: not with --rows (their names hold results)."""
+    return args.rows is None
 
 
 def fraction_used(indices: Tensor, num_codes: int) -> float:
@@ -186,7 +192,7 @@ def kind_settings(k: int) -> dict[str, dict]:
 
 def patch_test(args, pool, held_out, rows: list[str]) -> None:
     k = 1024
-    if selected("full Lloyd k-means", args):
+    if reference_rows(args):
         torch.manual_seed(args.seed)  # k-means++ draws from the global generator
         start = time.perf_counter()
         centres, iters = lloyd(pool, k, args.lloyd_iters)
@@ -284,7 +290,7 @@ def untrained_references(pool: Tensor, seed: int) -> list[str]:
 
 def large_codebooks(args, pool, rows: list[str]) -> None:
     pool = whiten(pool)
-    if selected("untrained", args):
+    if reference_rows(args):
         rows += untrained_references(pool, args.seed)
         print(*rows[-3:], sep="\n", flush=True)
     for name, kw in LARGE_SETTINGS.items():
@@ -362,8 +368,8 @@ def tokenizer_test(args, rows: list[str]) -> None:
         seconds = time.perf_counter() - start
         model.eval()
         with torch.no_grad():
-            ids = model.encode(held_out)
-            images = model.decode_indices(ids)
+            ids = model.encode_model_range(held_out)
+            images = model.decode_model_range(ids)
         used = ids.unique().numel() / 256
         value = 10.0 * math.log10(4.0 / F.mse_loss(images, held_out).item())  # images in [-1, 1]
         rows.append(f"| {name} | {value:.2f} | {used:.1%} | {seconds:.0f} |")
@@ -387,8 +393,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["patches", "large", "tokenizer"], default=None,
                         help="run one test; its section replaces the same section of the results file")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="run only the rows whose name holds one of these words; they replace the rows of "
-                             "the same name in the results file and every other row is kept")
+                        help="run only the trained rows whose name holds one of these words (no k-means or "
+                             "untrained references); they replace the rows of the same name in the results file "
+                             "and every other row is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -405,7 +412,7 @@ def main() -> None:
     # but inner-product search (ibq) would otherwise send every patch to the longest code.
     mean = pool.mean(dim=0)
     pool, held_out = pool - mean, held_out - mean
-    run = f"Run: `{' '.join(sys.argv)}` on {describe_machine(torch.device('cpu'))}."  # in each section (see --only)
+    run = f"Run: `{shlex.join(sys.argv)}` on {describe_machine(torch.device('cpu'))}."  # in each section (see --only)
     lines = [
         "# Quantizer fidelity",
         "",
@@ -464,15 +471,26 @@ def merged_sections(earlier: str, latest: str, rows_only: bool = False) -> str:
         return header.rstrip("\n"), {section_key("## " + part): "## " + part.rstrip("\n") for part in parts}
 
     header, sections = split(earlier)
-    for name, section in split(latest)[1].items():
-        sections[name] = merged_rows(sections[name], section) if rows_only and name in sections else section
+    latest_header, latest_sections = split(latest)
+    if rows_only and latest_header != header:
+        raise SystemExit("--rows: this run's data or training settings differ from the results file's:\n"
+                         f"{latest_header}\nagainst\n{header}\nrerun the whole sections with --only")
+    for name, section in latest_sections.items():
+        if rows_only and name in sections:
+            sections[name] = merged_rows(sections[name], section)
+        else:
+            sections[name] = section
     order = sorted(sections, key=lambda name: SECTIONS.index(name) if name in SECTIONS else len(SECTIONS))
     return "\n\n".join([header, *(sections[name] for name in order)])
 
 
 def merged_rows(earlier: str, latest: str) -> str:
     """One section: the latest run's table rows replace the earlier rows of the same name (new names go
-    after the last row), and a line under the earlier text names the rows re-measured and their run."""
+    after the last row), and a line under the earlier text names the rows re-measured and their run.
+
+    Refused when the headings differ (the rows were measured with other settings than the section's) or
+    a table repeats a row name; a latest section without rows leaves the earlier one as it was.
+    """
     def body_rows(lines: list[str]) -> list[int]:  # indices of table rows below the header and the rule
         return [i for i, line in enumerate(lines) if line.startswith("|")][2:]
 
@@ -480,13 +498,23 @@ def merged_rows(earlier: str, latest: str) -> str:
         return line.split("|")[1].strip()
 
     lines, new_lines = earlier.split("\n"), latest.split("\n")
-    new_rows = {row_name(new_lines[i]): new_lines[i] for i in body_rows(new_lines)}
-    old_rows = body_rows(lines)
+    old_rows, new_indices = body_rows(lines), body_rows(new_lines)
+    if not new_indices:
+        return earlier
+    if lines[0] != new_lines[0]:
+        raise SystemExit(f"--rows: the section was measured as {lines[0]!r}, this run as {new_lines[0]!r}; "
+                         "rerun the whole section with --only")
+    for table in (lines, new_lines):
+        names = [row_name(table[i]) for i in body_rows(table)]
+        if len(set(names)) != len(names):
+            raise SystemExit(f"--rows: {sorted({n for n in names if names.count(n) > 1})} name more than one row")
+    if not old_rows:
+        return latest
+    new_rows = {row_name(new_lines[i]): new_lines[i] for i in new_indices}
+    old_names = {row_name(lines[i]) for i in old_rows}
     for i in old_rows:
         lines[i] = new_rows.get(row_name(lines[i]), lines[i])
-    added = [row for name, row in new_rows.items() if name not in {row_name(lines[i]) for i in old_rows}]
-    end = old_rows[-1] + 1 if old_rows else len(lines)
-    lines[end:end] = added
+    lines[old_rows[-1] + 1 : old_rows[-1] + 1] = [row for name, row in new_rows.items() if name not in old_names]
     run = next((line for line in new_lines if line.startswith("Run:")), "")
     return "\n".join([*lines, "", f"Re-measured since: {', '.join(new_rows)}. {run}"])
 

@@ -20,12 +20,13 @@ from vqgan.quantizers.lfq import lfq_entropy_terms
 
 
 # Every kind with its defaults, and beside them the settings README / the quickstart recommend where
-# those differ (the entropy terms).
+# those differ (the entropy terms), and SEED-Voken's ibq without restarts.
 CASES = {
     "vq": ("vq", {}),
     "simvq": ("simvq", {}),
     "ibq": ("ibq", {}),
     "ibq+entropy": ("ibq", {"entropy_weight": 0.05, "entropy_temperature": 0.01}),
+    "ibq+entropy-restarts": ("ibq", {"entropy_weight": 0.05, "entropy_temperature": 0.01, "dead_code_threshold": 0}),
     "fsq": ("fsq", {}),
     "fsq+entropy": ("fsq", {"entropy_weight": 0.1, "entropy_temperature": 0.1}),
     "lfq": ("lfq", {}),

@@ -132,7 +132,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
         Under an argmax of z.e a code's norm decides how many rows it wins. A row copied as it is (and
         the error-weighted draw favours long rows) would take the rows of every code near it, and a short
         one would win none: restarts that kept the rows' norms collapsed the tiny tokenizer (0.4 % of codes
-        used), these reach 98.4 % (benchmarks/results/quantizer_fidelity.md).
+        used, in a side run), these reach 98.4 % (benchmarks/results/quantizer_fidelity.md).
         """
         live = (~dead).float()  # (K,)
         live_norm = (self.codebook.detach().norm(dim=1) * live).sum() / live.sum().clamp_min(1.0)
