@@ -45,7 +45,7 @@ from benchmarks.common import describe_machine  # noqa: E402
 from vqgan.data import EMBEDDED_EVAL, EMBEDDED_PHOTOS  # noqa: E402
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 from vqgan.quantize import QuantizerConfig, build_quantizer  # noqa: E402
-from vqgan.quantize_utils import kmeans_plus_plus, nearest_code  # noqa: E402
+from vqgan.quantize_utils import histogram, kmeans_plus_plus, nearest_code, perplexity  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 
 PATCH = 4
@@ -88,9 +88,9 @@ def reference_rows(args) -> bool:
     return args.rows is None
 
 
-def fraction_used(indices: Tensor, num_codes: int) -> float:
-    """(N,) code indices -> the fraction of the num_codes codes they use."""
-    return float(torch.bincount(indices, minlength=num_codes).gt(0).float().mean())
+def fraction_used(counts: Tensor) -> float:
+    """(K,) code histogram -> the fraction of the K codes it uses."""
+    return float((counts > 0).float().mean())
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -157,9 +157,8 @@ def evaluate(model: Wrapped, held_out: torch.Tensor) -> tuple[float, float, floa
     model.eval()
     out = model(held_out)
     model.train()
-    counts = torch.bincount(out.indices, minlength=model.quantizer.config.num_codes).float()
-    p = counts / counts.sum()
-    return psnr(out.quantized, held_out), fraction_used(out.indices, counts.numel()), float(torch.exp(-torch.xlogy(p, p).sum()))
+    counts = histogram(out.indices, model.quantizer.config.num_codes)
+    return psnr(out.quantized, held_out), fraction_used(counts), float(perplexity(counts))
 
 
 VQ_SETTINGS = {
@@ -198,11 +197,10 @@ def patch_test(args, pool, held_out, rows: list[str]) -> None:
         centres, iters = lloyd(pool, k, args.lloyd_iters)
         km_time = time.perf_counter() - start
         assign = nearest_code(held_out, centres, 4096)
-        counts = torch.bincount(assign, minlength=k).float()
-        p = counts / counts.sum()
+        counts = histogram(assign, k)
         rows.append(f"| full Lloyd k-means ({iters} iterations on the {pool.shape[0]:,}-patch pool) | "
-                    f"{psnr(centres[assign], held_out):.2f} | {fraction_used(assign, k):.1%} | "
-                    f"{torch.exp(-torch.xlogy(p, p).sum()):.0f} | {km_time:.0f} |")
+                    f"{psnr(centres[assign], held_out):.2f} | {fraction_used(counts):.1%} | "
+                    f"{perplexity(counts):.0f} | {km_time:.0f} |")
         print(rows[-1], flush=True)
     settings = {name: dict(kind="vq", **kw) for name, kw in VQ_SETTINGS.items()}
     settings.update(kind_settings(k))
@@ -271,20 +269,22 @@ def untrained_references(pool: Tensor, seed: int) -> list[str]:
     draws = pool[torch.randint(pool.shape[0], (4 * 2**18,), generator=generator)]  # (4 * 2^18, 48): the longest window
     window = draws[:WINDOW]  # (65536, 48)
     codes = torch.randn(16384, pool.shape[1], generator=generator)  # (K, 48)
-    gaussian, scale = max((fraction_used(nearest_code(window, codes * s, 4096), 16384), s) for s in (0.1, 0.3, 0.5, 1.0))
+    gaussian, scale = max((fraction_used(histogram(nearest_code(window, codes * s, 4096), 16384)), s)
+                          for s in (0.1, 0.3, 0.5, 1.0))
     rotation = torch.linalg.qr(torch.randn(pool.shape[1], pool.shape[1], generator=generator))[0]  # (48, 48)
 
     def signs(rows: Tensor, bits: int) -> Tensor:
-        """(n, 48) -> (n,) the index whose bit i is the sign of rotated coordinate i."""
-        return ((rows @ rotation[:, :bits] > 0).long() << torch.arange(bits)).sum(dim=1)
+        """(n, 48) -> (n,) lfq's index of the signs of the first `bits` rotated coordinates."""
+        lfq = build_quantizer(QuantizerConfig(kind="lfq", num_codes=2**bits, dim=bits))
+        return lfq.search(rows @ rotation[:, :bits])
 
     rows = [f"| untrained: frozen N(0, {scale}^2 I) codes, K=16384 (the best of 4 scales, chosen on this window) | "
             f"{gaussian:.1%} | {uniform_ceiling(16384, WINDOW):.1%} | {gaussian:.1%} over {WINDOW:,} | 0 |"]
     for bits in (14, 18):
         k = 2**bits
-        rows.append(f"| untrained: signs of a random rotation, 2^{bits} | {fraction_used(signs(window, bits), k):.1%} | "
-                    f"{uniform_ceiling(k, WINDOW):.1%} | {fraction_used(signs(draws[: 4 * k], bits), k):.1%} over "
-                    f"{4 * k:,} | 0 |")
+        used, used_long = (fraction_used(histogram(signs(rows_, bits), k)) for rows_ in (window, draws[: 4 * k]))
+        rows.append(f"| untrained: signs of a random rotation, 2^{bits} | {used:.1%} | {uniform_ceiling(k, WINDOW):.1%} | "
+                    f"{used_long:.1%} over {4 * k:,} | 0 |")
     return rows
 
 

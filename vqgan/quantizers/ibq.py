@@ -135,6 +135,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
         used, in a side run), these reach 98.4 % (benchmarks/results/quantizer_fidelity.md).
         """
         live = (~dead).float()  # (K,)
-        live_norm = (self.codebook.detach().norm(dim=1) * live).sum() / live.sum().clamp_min(1.0)
-        norm = torch.where(live.sum() > 0, live_norm, rows.norm(dim=1).mean())  # no live code: the rows' own
+        live_count = live.sum()
+        live_norm = (self.codebook.detach().norm(dim=1) * live).sum() / live_count.clamp_min(1.0)
+        norm = torch.where(live_count > 0, live_norm, rows.norm(dim=1).mean())  # no live code: the rows' own
         return F.normalize(rows, dim=1) * norm
