@@ -7,8 +7,8 @@ valid ones instead of a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -38,8 +38,63 @@ _Loader.add_implicit_resolver(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """A plain (unquoted) YAML scalar as written and as YAML 1.1 reads it; the field it lands in chooses.
+
+    YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans and `1e-4` as a number, so
+    `train.mixed_precision=no` would reach a string field as False. Recipes and overrides keep the
+    text beside the reading until `from_dict` knows the field's type: a string field takes the text,
+    any other field the reading.
+    """
+
+    text: str
+    value: Any
+
+
+class _TextKeepingLoader(_Loader):
+    """The recipe loader: every plain scalar becomes a `Scalar`; mapping keys stay plain strings."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        value = super().construct_object(node, deep=deep)
+        if isinstance(node, yaml.ScalarNode) and node.style is None:
+            return Scalar(node.value, value)
+        return value
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # `<<` merge keys, as SafeLoader does
+        mapping = {}
+        for key_node, value_node in node.value:
+            key = plain_value(self.construct_object(key_node, deep=True))
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+_TextKeepingLoader.add_constructor("tag:yaml.org,2002:map", lambda loader, node: loader.construct_mapping(node, deep=True))
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_TextKeepingLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def plain_value(value: Any) -> Any:
+    """`value` with every `Scalar` replaced by its YAML 1.1 reading (for fields typed Any or dict)."""
+    if isinstance(value, Scalar):
+        return value.value
+    if isinstance(value, dict):
+        return {plain_value(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_value(v) for v in value)
+    return value
+
+
+def _read_scalar(scalar: Scalar, tp: Any) -> Any:
+    """The text for a string field (or a Literal that lists it), the YAML reading for any other."""
+    if tp is str and scalar.value is not None:
+        return scalar.text
+    if typing.get_origin(tp) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(tp)):
+        return scalar.text
+    return scalar.value
 
 
 class ConfigError(ValueError):
@@ -55,9 +110,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return plain_value(value)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if plain_value(value) is None and type(None) in args:
             return None
         errors = []
         for option in args:
@@ -67,7 +122,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+        raise ConfigError(f"{where}: {plain_value(value)!r} is not a {_type_name(tp)}")
+    if isinstance(value, Scalar):
+        value = _read_scalar(value, tp)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -89,7 +146,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return dict(plain_value(value))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -150,19 +207,23 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3, 1e-4, true, [1, 2] work)."""
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so 3, 1e-4, true, [1, 2] work).
+
+    Plain scalars come back as `Scalar`s: the field's type decides between the text and the reading,
+    so `train.mixed_precision=no` stays the string "no" and `train.compile=no` is False.
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = _yaml_load(raw) if raw.strip() else ""
+    value = _yaml_load(raw) if raw.strip() else Scalar("", "")
     return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of nested `data` with dotted overrides applied (new keys are checked later)."""
-    result = json.loads(json.dumps(data))  # deep copy of plain data
+    result = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = result

@@ -23,7 +23,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from vqgan.autoencoder import VQModel, VQModelConfig, preset
-from vqgan.config import apply_overrides, from_dict, read_recipe, to_dict
+from vqgan.config import apply_overrides, from_dict, plain_value, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.export import VQTokenizer, export_checkpoint
@@ -118,7 +118,7 @@ def load_train_config(recipe: str | None, overrides: list[str]) -> TrainConfig:
     model = data.get("model", {})
     if isinstance(model, dict) and "preset" in model:
         rest = {k: v for k, v in model.items() if k != "preset"}
-        base = to_dict(preset(model["preset"]))
+        base = to_dict(preset(plain_value(model["preset"])))
         for section, values in rest.items():
             if isinstance(values, dict) and isinstance(base.get(section), dict):
                 base[section].update(values)
