@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = create_ema(raw_model) if loop.ema_decay > 0 else None
+    raw_model.check_ids = False  # the token set and labels were range-checked when opened: no host sync per step
 
     state = TrainState()
     checkpoint_root = run_dir / "checkpoints"

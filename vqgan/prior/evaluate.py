@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqgan.prior.ids import check_id_range
 from vqgan.prior.maskgit import MaskGITPrior
 
 
@@ -44,8 +45,7 @@ def token_statistics_distance(samples: Tensor, reference: Tensor, num_codes: int
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples {tuple(samples.shape[1:])} and reference {tuple(reference.shape[1:])} grids differ")
     for name, tokens in (("samples", samples), ("reference", reference)):
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= num_codes):
-            raise ValueError(f"{name} token ids must lie in [0, {num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        check_id_range(tokens, num_codes, f"{name} token")
     right_s, down_s = pair_frequencies(samples, num_codes)
     right_r, down_r = pair_frequencies(reference, num_codes)
     distances = {

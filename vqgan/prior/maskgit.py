@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqgan.prior.ids import check_id_range
 from vqgan.prior.mask_schedule import check_mask_schedule, mask_ratio
 from vqgan.prior.maskgit_sampling import sample_maskgit
 from vqgan.prior.sampling import SamplingConfig
@@ -69,6 +70,8 @@ class MaskGITConfig:
 class MaskGITPrior(nn.Module):
     """Bidirectional transformer: (B, h, w) tokens, (B, h, w) bool mask, labels -> (B, K, h, w) logits."""
 
+    check_ids = True  # range-check token and class ids (a host sync); the training loop turns it off: see vqgan.prior.ids
+
     def __init__(self, config: MaskGITConfig):
         super().__init__()
         self.config = config
@@ -101,9 +104,8 @@ class MaskGITPrior(nn.Module):
             raise ValueError("labels were given but the MaskGIT prior is unconditional (num_classes=0)")
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) > c.num_classes:
-            raise ValueError(f"class ids must lie in [0, {c.num_classes}] ({c.num_classes} = null), "
-                             f"got [{int(labels.min())}, {int(labels.max())}]")
+        if self.check_ids:
+            check_id_range(labels, c.num_classes + 1, "class", f" ({c.num_classes} = null)")
         return labels.to(device) + c.num_codes
 
     def input_ids(self, tokens: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -116,8 +118,8 @@ class MaskGITPrior(nn.Module):
             raise ValueError(f"mask must be a bool tensor of the tokens' shape {tuple(tokens.shape)}, "
                              f"got {tuple(mask.shape)} {mask.dtype}")
         tokens = tokens.masked_fill(mask, 0)  # masked positions may hold anything, e.g. not-yet-sampled slots
-        if int(tokens.min()) < 0 or int(tokens.max()) >= c.num_codes:
-            raise ValueError(f"token ids must lie in [0, {c.num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        if self.check_ids:
+            check_id_range(tokens, c.num_codes, "token")
         if labels is not None and self.training and c.class_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < c.class_dropout
             labels = labels.masked_fill(drop, c.null_class)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqgan.prior.ids import check_id_range
 from vqgan.prior.sampling import SamplingConfig, sample_pixelcnn
 from vqgan.utils import as_grid
 
@@ -96,6 +97,8 @@ class GatedLayer(nn.Module):
 class PixelCNNPrior(nn.Module):
     """Gated PixelCNN over (B, h, w) token grids -> (B, K, h, w) next-token logits."""
 
+    check_ids = True  # range-check token and class ids (a host sync); the training loop turns it off: see vqgan.prior.ids
+
     def __init__(self, config: PixelCNNConfig):
         super().__init__()
         self.config = config
@@ -112,10 +115,8 @@ class PixelCNNPrior(nn.Module):
         """(B, h, w) long -> (B, hidden, h, w) input embeddings (checked against K)."""
         if tokens.dim() != 3 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be a (B, h, w) long tensor, got {tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.num_codes):
-            raise ValueError(
-                f"token ids must lie in [0, {self.config.num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
+        if self.check_ids:
+            check_id_range(tokens, self.config.num_codes, "token")
         return self.embedding(tokens).permute(0, 3, 1, 2)                          # (B, C, h, w)
 
     def forward_embeddings(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -143,8 +144,8 @@ class PixelCNNPrior(nn.Module):
             raise ValueError(f"the PixelCNN prior is class-conditional ({k} classes): labels are required")
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if int(labels.min()) < 0 or int(labels.max()) >= k:
-            raise ValueError(f"class ids must lie in [0, {k}), got [{int(labels.min())}, {int(labels.max())}]")
+        if self.check_ids:
+            check_id_range(labels, k, "class")
         return labels
 
     def sample(
