@@ -5,11 +5,25 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+def source_commit() -> str:
+    """The checkout's commit the figures were measured on ("+ changes" when the tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit (not a git checkout)"
+    return f"commit {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def describe_machine(device: torch.device) -> str:
@@ -25,7 +39,7 @@ def describe_machine(device: torch.device) -> str:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         hw = (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
               f"(load average {load} at the start)")
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
+    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}; {source_commit()}"
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:

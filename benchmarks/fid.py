@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import source_commit  # noqa: E402 - the script's folder is on sys.path
 from vqgan.metrics.fid import accumulate_features, frechet_distance
 from vqgan.metrics.inception import InceptionFeatures, write_random_inception_weights
 from vqgan.metrics import sources as fid_tool  # the vqgan-fid pipeline
@@ -159,7 +160,7 @@ def main() -> None:
     lines = [
         "# FID feature extraction speed",
         "",
-        f"Machine: {machine_description(args.device)}; device {args.device}.",
+        f"Machine: {machine_description(args.device)}; device {args.device}; {source_commit()}.",
         f"{args.num_images} PNG images of {args.size}x{args.size} (resized to 299x299 inside the network), "
         f"batch {args.batch_size}, InceptionV3 pool3 (2048-d), fp32, random-valued weights file.",
         f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after: other jobs shared the "

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import source_commit  # noqa: E402 - the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENTS = {
     "python -c pass (interpreter start)": "pass",
@@ -39,7 +41,7 @@ def main() -> None:
     for name, statement in STATEMENTS.items():
         rows.append(f"| `{name}` | {statistics.median(seconds(statement) for _ in range(repeats)):.4f} |")
     table = "\n".join([f"Machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
-                       f"{repeats} repeat(s)", "", *rows]) + "\n"
+                       f"{repeats} repeat(s); {source_commit()}", "", *rows]) + "\n"
     print(table)
     out = ROOT / "benchmarks" / "results" / "import_time.md"
     out.parent.mkdir(parents=True, exist_ok=True)

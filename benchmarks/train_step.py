@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from accelerate import Accelerator  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import peak_extra_bytes, timed  # noqa: E402
+from common import peak_extra_bytes, source_commit, timed  # noqa: E402
 from vqgan.autoencoder import VQModel, VQModelConfig, preset  # noqa: E402
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa: E402
 from vqgan.losses import LeCAM, LossConfig  # noqa: E402
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/train_step.py', *sys.argv[1:]])}`",
         "",
-        f"- Device: {describe_device(device)}; torch {torch.__version__}; Python {platform.python_version()}; "
+        f"- Device: {describe_device(device)}; torch {torch.__version__}; Python {platform.python_version()}; {source_commit()}; "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"- channels_last {args.channels_last}, torch.compile {args.compile}, "
         "VQModel.check_finite False (as vqgan/train.py); bf16 = torch.autocast(bfloat16), weights and Adam in fp32.",
