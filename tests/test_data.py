@@ -300,7 +300,9 @@ datasets.load_dataset = lambda *a, **k: calls.append(a) or original(*a, **k)
 dataset = build_dataset(DataConfig(source=sys.argv[1], image_size=32, cache_dir=sys.argv[2]), "train")
 state = PartialState()  # the one build_dataset started (a data-only process: no Accelerator)
 rows = [dataset.table[i]["image"]["path"] for i in range(len(dataset.table))]
-print("RESULT " + json.dumps({"rank": state.process_index, "calls": len(calls), "rows": rows}), flush=True)
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(f"{sys.argv[3]}/rank{state.process_index}.json", "w") as out:
+    json.dump({"rank": state.process_index, "calls": len(calls), "rows": rows}, out)
 """
 
 
@@ -319,12 +321,11 @@ def test_the_folder_is_indexed_once_per_node_and_read_by_the_other_processes(tmp
     script.write_text(INDEX_ONCE_SCRIPT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29573",
-           str(script), str(folder), str(tmp_path / "hf_cache")]
+           str(script), str(folder), str(tmp_path / "hf_cache"), str(tmp_path)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    found = sorted((json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines()
-                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    found = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [r["calls"] for r in found] == [1, 0]  # only the node's main process walked and indexed the folder
     assert found[0]["rows"] == found[1]["rows"] and len(found[0]["rows"]) == 5
