@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,19 @@ def describe_machine(device: torch.device) -> str:
         hw = (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads "
               f"(load average {load} at the start)")
     return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def measured_commit() -> str:
+    """The checkout's commit, e.g. "9647870" (", with uncommitted changes" when the tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (", with uncommitted changes" if dirty else "")
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
