@@ -211,8 +211,8 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
         raise DataError(f"{source} [{split}] has no rows")
     options = ShardOptions(str(out), shard_size, resize, format, quality, image_column, label_column, repeats)
     num_shards = -(-len(table) * repeats // shard_size)
-    order = row_order(len(table) * repeats, shuffle_seed).tolist()
-    rows_of = lambda index: order[index * shard_size : (index + 1) * shard_size]  # noqa: E731
+    order = row_order(len(table) * repeats, shuffle_seed)
+    rows_of = lambda index: order[index * shard_size : (index + 1) * shard_size].tolist()  # noqa: E731
     entries: dict[int, dict[str, Any]] = {}
     bar = tqdm(total=num_shards, desc=f"shards of {source} [{split}]", unit="shard", disable=not progress)
     if workers <= 1:

@@ -31,7 +31,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import datasets
 import numpy as np
@@ -219,7 +219,7 @@ class HubStream:
             yield _to_device(batch, self.device)
 
 
-def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+def prefetched(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
     """The items of `items`, made by a thread up to `depth` ahead; its error is raised here, and it stops
     (closing `items`) when this iterator is closed or dropped."""
     ready: queue.Queue = queue.Queue(depth)
