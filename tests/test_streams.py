@@ -129,7 +129,8 @@ def test_resume_at_any_batch_continues_the_epoch_exactly(tmp_path, num_workers):
     assert keys_of(loader.iterate(0)) != keys_of(loader.iterate(1))  # a new shard order and buffer each epoch
 
 
-def test_an_epoch_covers_every_sample_once_over_processes_and_workers(tmp_path):
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_an_epoch_covers_every_sample_once_over_processes_and_workers(tmp_path, interleave):
     source = synthetic_shards(tmp_path / "shards", [7, 2, 9, 5, 1])  # 24 samples
     names = shards.expand_pattern(source)
     spans = [shards.Span(i, 0, c) for i, c in enumerate(shards.shard_counts(names))]
@@ -137,8 +138,8 @@ def test_an_epoch_covers_every_sample_once_over_processes_and_workers(tmp_path):
         seen = []
         for rank in range(world):
             stream = shards.ShardStream(names, spans, rank=rank, world=world, batch_size=batch, workers=workers,
-                                        seed=0, shuffle=True, shuffle_buffer=3, make_item=lambda m, n, s: n,
-                                        collate=list)
+                                        seed=0, shuffle=True, shuffle_buffer=3, interleave=interleave,
+                                        make_item=lambda m, n, s: n, collate=list)
             stream.epoch = 2
             per_rank = [b for slot in range(workers) for b in stream.slot_batches(2, slot, 0)]
             assert len(per_rank) == len(stream) and all(len(b) == batch for b in per_rank)
@@ -601,3 +602,163 @@ def test_two_processes_hold_out_the_same_streamed_rows_with_an_even_file_count(t
     first, second = (rank["train"] for rank in rows["ranks"])
     assert len(first) == len(second) == 2 and not set(first) & set(second)
     assert set(first + second) <= {3, 4, 5, 6, 7}  # rows of the shuffled stream after the 3 held out
+
+
+# ----------------------------------------------------------------------------- classes per batch (issue 20)
+
+
+def class_folder(root: Path, classes: int, per_class: int) -> Path:
+    """An image folder listed class by class (folders c0, c1, ...), `per_class` solid images in each."""
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (40, 40), colour_of(c * per_class + i)).save(root / f"c{c}" / f"{i:03d}.png")
+    return root
+
+
+def rows_in_shards(out: Path) -> list[tuple[int, int]]:
+    """(source row, label) of every sample of a shard set, in the order its shards hold them."""
+    index = json.loads((out / shards.INDEX_FILE).read_text())
+    names = shards.expand_pattern("wds:" + index["pattern"])
+    return [(int(key), int(members["cls"])) for name, count in zip(names, shards.shard_counts(names))
+            for _, key, members in shards.read_samples(name, 0, count)]
+
+
+def test_the_shard_tool_writes_rows_in_a_seeded_random_order_and_records_it(tmp_path, capsys):
+    from vqgan.data.make_shards import load_rows, row_order
+
+    folder = class_folder(tmp_path / "images", classes=4, per_class=6)
+    cache = str(tmp_path / "hf_cache")
+    labels = load_rows(str(folder), "train", "image", "label", cache)["label"]
+    assert labels == sorted(labels) and len(set(labels)) == 4  # the source lists its rows class by class
+
+    def write(name: str, *options: str) -> Path:
+        out = tmp_path / name
+        assert make_shards_main([str(folder), str(out), "--shard-size", "6", "--label-column", "label",
+                                 "--cache-dir", cache, "--no-progress", *options]) == 0
+        return out
+
+    shuffled = write("shuffled")
+    assert "in a random order (seed 0)" in capsys.readouterr().out
+    index = json.loads((shuffled / shards.INDEX_FILE).read_text())
+    assert index["row_order"] == "shuffled" and index["shuffle_seed"] == 0
+    rows = rows_in_shards(shuffled)
+    assert [row for row, _ in rows] == row_order(24, 0).tolist() != list(range(24))
+    assert all(label == labels[row] for row, label in rows)  # each row keeps its own label
+    assert all(len({label for _, label in rows[i : i + 6]}) >= 3 for i in range(0, 24, 6))  # each shard mixes
+    again, reseeded = write("again"), write("reseeded", "--shuffle-seed", "1")
+    assert [p.read_bytes() for p in sorted(again.glob("*.tar"))] == [p.read_bytes() for p in sorted(shuffled.glob("*.tar"))]
+    assert json.loads((reseeded / shards.INDEX_FILE).read_text())["shuffle_seed"] == 1
+    assert [row for row, _ in rows_in_shards(reseeded)] == row_order(24, 1).tolist() != row_order(24, 0).tolist()
+
+    kept = write("kept", "--keep-order")
+    assert "in the source's order" in capsys.readouterr().out
+    index = json.loads((kept / shards.INDEX_FILE).read_text())
+    assert index["row_order"] == "source" and index["shuffle_seed"] is None
+    assert rows_in_shards(kept) == [(row, labels[row]) for row in range(24)]
+    with pytest.raises(SystemExit):
+        make_shards_main([str(folder), str(tmp_path / "both"), "--keep-order", "--shuffle-seed", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_batches_from_shards_mix_classes_and_shards_in_source_order_warn_at_start(tmp_path, caplog):
+    import numpy as np
+
+    folder = class_folder(tmp_path / "images", classes=8, per_class=16)  # 128 rows, 16 shards of 8
+    for name, options in (("shuffled", []), ("kept", ["--keep-order"])):
+        assert make_shards_main([str(folder), str(tmp_path / name), "--shard-size", "8", "--label-column", "label",
+                                 "--cache-dir", str(tmp_path / "hf_cache"), "--no-progress", *options]) == 0
+
+    def classes_per_batch(name: str, **settings) -> tuple[float, str]:
+        pattern = json.loads((tmp_path / name / shards.INDEX_FILE).read_text())["pattern"]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vqgan.data"):
+            loader = build_dataloader(stream_config("wds:" + pattern, label_column="cls", **settings), "train",
+                                      batch_size=16, seed=0)
+        return float(np.mean([len(set(batch["labels"].tolist())) for batch in loader.iterate(0)])), caplog.text
+
+    # uniform sampling: 8 * (1 - C(112, 16) / C(128, 16)) = 7.1 distinct classes in 16 rows
+    mixed, warned = classes_per_batch("shuffled")
+    assert mixed >= 6.5 and "source" not in warned
+    interleaved, warned = classes_per_batch("kept")  # the loader alone: 8 shards at once per worker
+    one_at_a_time, _ = classes_per_batch("kept", shard_interleave=1)  # the loader before: ~2 classes a batch
+    assert interleaved >= one_at_a_time + 1.5, (interleaved, one_at_a_time)
+    assert "the shards were written in source order" in warned and "vqgan-make-shards" in warned
+    index_file = tmp_path / "kept" / shards.INDEX_FILE
+    old = {k: v for k, v in json.loads(index_file.read_text()).items() if k not in ("row_order", "shuffle_seed")}
+    index_file.write_text(json.dumps(old))  # an index written before the order was recorded
+    assert "kept the source's order" in classes_per_batch("kept")[1]
+
+
+def test_a_checkpoint_from_before_interleaving_resumes_only_with_one_shard_at_a_time(tmp_path):
+    from vqgan.errors import DataError
+
+    source = synthetic_shards(tmp_path / "shards", [4, 4, 4])
+    before = build_dataloader(stream_config(source, shard_interleave=1), "train", batch_size=3, seed=1)
+    saved = TrainState(batches_seen=1, stream_layout=dict(before.resume_layout))  # no shard_interleave key
+    assert "shard_interleave" not in saved.stream_layout
+    next(resumable_batches(None, build_dataloader(stream_config(source, shard_interleave=1), "train", batch_size=3,
+                                                  seed=1), saved))
+    with pytest.raises(DataError, match="shard_interleave None -> 8"):
+        next(resumable_batches(None, build_dataloader(stream_config(source), "train", batch_size=3, seed=1), saved))
+
+
+def test_the_class_mixing_benchmark_simulates_the_real_loaders_batches(tmp_path):
+    import numpy as np
+
+    from benchmarks.data import simulated_batches
+
+    counts = [5, 3, 6, 4, 7, 2, 9]  # 36 samples whose keys are their positions
+    source = synthetic_shards(tmp_path / "shards", counts)
+    for workers, interleave in ((2, 8), (1, 1), (2, 3)):
+        config = stream_config(source, num_workers=workers, shard_interleave=interleave)
+        loader = build_dataloader(config, "train", batch_size=3, seed=5)
+        for epoch in (0, 1):
+            real = [[int(key.rsplit(":", 1)[1]) for key in keys] for keys in keys_of(loader.iterate(epoch))]
+            [simulated] = simulated_batches(counts, np.arange(36), world=1, workers=workers, batch_size=3, seed=5,
+                                            shuffle_buffer=config.shuffle_buffer, interleave=interleave, epoch=epoch)
+            assert simulated.tolist() == real, (workers, interleave, epoch)
+
+
+# ----------------------------------------------------------------------------- streamed prefetch (issue 20)
+
+
+def test_a_streamed_dataset_is_read_ahead_by_a_thread_that_keeps_position_and_errors(tmp_path, no_shutdown_sleep):
+    import threading
+    import time
+
+    from vqgan.data.streaming import PREFETCH_BATCHES
+    from vqgan.errors import DataError
+
+    root = parquet_dataset(tmp_path / "ds", files=2, rows_per_file=6)  # 12 rows: 6 batches of 2 an epoch
+    config = streamed_config(tmp_path, root)
+    reference = list(itertools.islice(iter(build_dataloader(config, "train", batch_size=2, seed=0)), 9))
+    stream = build_dataloader(config, "train", batch_size=2, seed=0)
+    made, decode = [], stream.make_item
+    stream.make_item = lambda row, name, seed: made.append(name) or decode(row, name, seed)
+    batches = iter(stream)
+    taken = [next(batches)]
+    deadline = time.monotonic() + 20
+    while len(made) < 3 * 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the loop holds batch 0: the thread reads and decodes the next ones meanwhile
+    time.sleep(0.2)
+    assert 3 * 2 <= len(made) <= (2 + PREFETCH_BATCHES) * 2, made  # ahead, and bounded by the queue
+    assert stream.position == [0, 1]  # the batches the loop took, not those made ahead
+    taken += list(itertools.islice(batches, 6))
+    assert stream.position == [1, 1]
+    resumed = build_dataloader(config, "train", batch_size=2, seed=0)
+    resumed.seek(*stream.position)
+    taken += list(itertools.islice(iter(resumed), 2))
+    assert labels_of(taken) == labels_of(reference)
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(taken, reference))
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name == "vqgan-stream-prefetch" and t.is_alive()]
+
+    broken = build_dataloader(config, "train", batch_size=2, seed=0)
+    broken.make_item = lambda row, name, seed: 1 / 0  # an error in the thread reaches the loop
+    with pytest.raises(ZeroDivisionError):
+        next(iter(broken))
+    with pytest.raises(DataError, match="fewer than batch_size=13"):
+        next(iter(build_dataloader(config, "train", batch_size=13, seed=0)))
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name == "vqgan-stream-prefetch" and t.is_alive()]

@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.utils.data import DataLoader
 
 from vqgan.autoencoder import VQModel, preset
-from vqgan.data import DataConfig, build_dataset
+from vqgan.data import DataConfig, build_dataset, shards
 from vqgan.data.make_shards import make_shards
 from vqgan.export import VQTokenizer
 from vqgan.prior.data import (
@@ -93,7 +93,12 @@ def test_tokenizing_shards_gives_the_tokens_of_the_same_images(tmp_path, tokeniz
     photos = DataConfig(source="embedded", image_size=32, random_crop=False, hflip=False, resize=64)
     table = build_dataset(photos, "train")
     tokenizer = VQTokenizer.from_pretrained(tokenizer_dir)
-    images = images_from_model_range(torch.stack([table[i]["image"] for i in range(6)]))
+    # the shards hold the photos in the shard tool's random order; a sample's key is its row in the source
+    names = shards.expand_pattern("wds:" + index["pattern"])
+    rows = [int(key) for name, entry in zip(names, index["shards"]) for _, key, _ in
+            shards.read_samples(name, 0, entry["count"])]
+    assert sorted(rows) == list(range(6))
+    images = images_from_model_range(torch.stack([table[i]["image"] for i in rows]))
     expected = tokenizer.encode(images)
     got = torch.stack([grids[i][0] for i in range(12)])
     assert torch.equal(got[0::2], expected) and torch.equal(got[1::2], tokenizer.encode(images.flip(-1)))

@@ -98,6 +98,9 @@ class DataConfig:
     # "wds:PATTERN" sources: the index.json with each shard's sample count; None = the one beside the shards
     # (local shards without one are counted from their tar headers at start).
     shard_index: str | None = None
+    # "wds:" sources: shards each DataLoader worker reads at once, their samples merged in a random order
+    # before the shuffle buffer (1 = one shard after another).
+    shard_interleave: int = 8
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
@@ -120,6 +123,8 @@ class DataConfig:
                              f"{self.source!r} is {'a stream already' if self.source.startswith('wds:') else 'in memory'}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be at least 1 (1 = no buffer), got {self.shuffle_buffer}")
+        if self.shard_interleave < 1:
+            raise ValueError(f"shard_interleave must be at least 1 (1 = one shard at a time), got {self.shard_interleave}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -706,6 +711,18 @@ class CollateKeyed:
         return batch
 
 
+def _warn_if_source_order(config: DataConfig, names: list[str]) -> None:
+    """Warn when the shard tool wrote these shards in the source's order (an image folder: class by class)."""
+    record = shards.index_row_order(names, config.shard_index)
+    if record is None or record["row_order"] == "shuffled":
+        return  # no index (shards from another tool: their order is unknown), or written shuffled
+    state = "in source order" if record["row_order"] == "source" else "by a shard tool that kept the source's order"
+    logger.warning("%s: the shards were written %s; a worker reads a 1/(processes x workers) block of them, so "
+                   "with class-ordered sources (an image folder) each batch holds a few classes (BatchNorm, k-means "
+                   "initialisation and entropy terms see them too). Rewrite them shuffled: vqgan-make-shards SOURCE "
+                   "OUT (rows in a seeded random order by default, recorded in index.json)", config.source, state)
+
+
 def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed: int) -> shards.StreamLoader:
     """This process's training stream of a "wds:" source (rank and world from Accelerate's state)."""
     state = process_state()
@@ -715,7 +732,7 @@ def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed:
     stream = shards.ShardStream(
         names, train, rank=state.process_index, world=state.num_processes, batch_size=batch_size,
         workers=config.num_workers, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
-        make_item=make_item, collate=CollateKeyed(CollateImages(config.image_size, config.label_column is not None)),
+        interleave=config.shard_interleave, make_item=make_item, collate=CollateKeyed(CollateImages(config.image_size, config.label_column is not None)),
     )
     layout = stream.layout
     if layout.batches == 0:
@@ -725,5 +742,7 @@ def build_shard_loader(config: DataConfig, batch_size: int, shuffle: bool, seed:
         logger.warning("%s: %d of %d samples per epoch are left out so that each of %d processes gets %d whole "
                        "batches of %d (which ones changes with each epoch's shard order)", config.source,
                        layout.left_out, layout.total, layout.world, layout.batches, batch_size)
+    if state.is_main_process:
+        _warn_if_source_order(config, names)
     return shards.StreamLoader(stream, config.num_workers, device=state.device,
                                pin_memory=state.device.type == "cuda")

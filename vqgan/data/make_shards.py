@@ -6,9 +6,14 @@
         --format jpg --label-column label --workers 16
     vqgan-make-shards cifar10 /data/shards/cifar10 --image-column img --label-column label
 
-SOURCE is what `data.source` takes (embedded, a local image folder or a hub dataset name). Shard k holds
-rows [k * shard_size, (k + 1) * shard_size) of the source as samples `ROW.EXT` (+ `ROW.cls`, the label
-as text): the order of the source is kept, so a shard set is reproducible. Shards are written in
+SOURCE is what `data.source` takes (embedded, a local image folder or a hub dataset name). The rows are
+written in a random order drawn from `--shuffle-seed` (default 0), so that every shard holds a sample of
+the whole source: an image folder lists its rows class by class, and a training worker, which reads a
+small block of the shards, would otherwise see a few classes per batch. `--keep-order` writes them in
+the source's order instead. Shard k holds rows order[k * shard_size : (k + 1) * shard_size] as samples
+`ROW.EXT` (+ `ROW.cls`, the label as text), ROW being the row's number in the source; the same seed
+gives the same shards. index.json records the order (`row_order`: "shuffled" or "source",
+`shuffle_seed`). Shards are written in
 parallel, each into a temporary file that is read back and checked (sample count, every image decoded)
 before it is renamed into place; `index.json` (each shard's name and sample count, the total, the files
 skipped as unreadable) is written last, so a folder with an index is complete. Train on it with
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from vqgan.data.shards import INDEX_FILE, sample_key
@@ -36,6 +42,8 @@ from vqgan.utils import atomic_write_text
 
 FORMATS = ("keep", "jpg", "png", "webp")
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# The default --shuffle-seed: shard sets written from the same source are the same unless asked otherwise.
+DEFAULT_SHUFFLE_SEED = 0
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "PPM": "ppm"}
 
 
@@ -108,25 +116,31 @@ def _init_writer(table: Any) -> None:
     _TABLE = table
 
 
-def write_shard(index: int, options: ShardOptions) -> dict[str, Any]:
-    """Write shard `index` (rows [index * size, ...)) atomically and verified; -> its index entry."""
+def row_order(rows: int, shuffle_seed: int | None) -> np.ndarray:
+    """The order the rows are written in: a permutation drawn from the seed, or the source's (None)."""
+    if shuffle_seed is None:
+        return np.arange(rows)
+    return np.random.default_rng(shuffle_seed).permutation(rows)
+
+
+def write_shard(index: int, rows: list[int], options: ShardOptions) -> dict[str, Any]:
+    """Write shard `index` holding `rows` (of the source, repeats counted on) atomically and verified; -> its entry."""
 
     table = _TABLE
-    begin, end = index * options.shard_size, min((index + 1) * options.shard_size, len(table) * options.repeats)
     final = Path(options.out) / options.shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp")
     try:
-        return _write_shard(table, begin, end, final, tmp, options)
+        return _write_shard(table, rows, final, tmp, options)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed or interrupted shard leaves no temporary file behind
         raise
 
 
-def _write_shard(table: Any, begin: int, end: int, final: Path, tmp: Path, options: ShardOptions) -> dict[str, Any]:
+def _write_shard(table: Any, rows: list[int], final: Path, tmp: Path, options: ShardOptions) -> dict[str, Any]:
     skipped, count = [], 0
     encoded: dict[int, tuple[bytes, str]] = {}  # with repeats: each source row encoded once a shard
     with tarfile.open(tmp, "w") as tar:
-        for row in range(begin, end):
+        for row in rows:
             record = table[row % len(table)]
             cell = record[options.image_column]
             name = cell.get("path") or f"row {row}"
@@ -174,8 +188,10 @@ def load_rows(source: str, split: str, image_column: str, label_column: str | No
 def make_shards(source: str, out: str | Path, *, split: str = "train", shard_size: int = 1000,
                 resize: int | None = None, format: str = "keep", quality: int = 95, image_column: str = "image",
                 label_column: str | None = None, workers: int = 1, cache_dir: str | None = None,
-                repeats: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Write the shards and index.json of `source` [split] into `out`; -> the index."""
+                repeats: int = 1, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+                progress: bool = True) -> dict[str, Any]:
+    """Write the shards and index.json of `source` [split] into `out`, rows in the order drawn from
+    `shuffle_seed` (None: the source's order); -> the index."""
     from tqdm.auto import tqdm
 
     if shard_size < 1:
@@ -195,16 +211,18 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
         raise DataError(f"{source} [{split}] has no rows")
     options = ShardOptions(str(out), shard_size, resize, format, quality, image_column, label_column, repeats)
     num_shards = -(-len(table) * repeats // shard_size)
+    order = row_order(len(table) * repeats, shuffle_seed)
+    rows_of = lambda index: order[index * shard_size : (index + 1) * shard_size].tolist()  # noqa: E731
     entries: dict[int, dict[str, Any]] = {}
     bar = tqdm(total=num_shards, desc=f"shards of {source} [{split}]", unit="shard", disable=not progress)
     if workers <= 1:
         _init_writer(table)
         for index in range(num_shards):
-            entries[index] = write_shard(index, options)
+            entries[index] = write_shard(index, rows_of(index), options)
             bar.update(1)
     else:
         with ProcessPoolExecutor(workers, initializer=_init_writer, initargs=(table,)) as pool:
-            futures = {pool.submit(write_shard, index, options): index for index in range(num_shards)}
+            futures = {pool.submit(write_shard, index, rows_of(index), options): index for index in range(num_shards)}
             for future in as_completed(futures):
                 entries[futures[future]] = future.result()
                 bar.update(1)
@@ -214,7 +232,8 @@ def make_shards(source: str, out: str | Path, *, split: str = "train", shard_siz
     if not written:
         raise DataError(f"no image of {source} [{split}] could be read ({len(skipped)} unreadable)")
     index = {"shards": written, "total": sum(e["count"] for e in written), "source": source, "split": split,
-             "repeats": repeats,
+             "repeats": repeats, "row_order": "source" if shuffle_seed is None else "shuffled",
+             "shuffle_seed": shuffle_seed,
              "label_key": "cls" if label_column else None, "resize": resize, "format": format,
              "skipped": skipped, "pattern": shard_pattern(out, options, written)}
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2))
@@ -258,14 +277,22 @@ def _command(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="write each image this many times (a handful of photos: an epoch of useful length; "
                              "each copy gets its own random crops)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=DEFAULT_SHUFFLE_SEED,
+                       help=f"seed of the random order the rows are written in (default {DEFAULT_SHUFFLE_SEED})")
+    order.add_argument("--keep-order", action="store_true",
+                       help="write the rows in the source's order (an image folder's: class by class); training "
+                            "batches then hold few classes")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     index = make_shards(args.source, args.out, split=args.split, shard_size=args.shard_size, resize=args.resize,
                         format=args.format, quality=args.quality, image_column=args.image_column,
                         label_column=args.label_column, workers=args.workers, cache_dir=args.cache_dir,
-                        repeats=args.repeats, progress=not args.no_progress)
-    print(f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out} "
+                        repeats=args.repeats, shuffle_seed=None if args.keep_order else args.shuffle_seed,
+                        progress=not args.no_progress)
+    order = "in the source's order" if args.keep_order else f"in a random order (seed {args.shuffle_seed})"
+    print(f"wrote {index['total']} samples {order} in {len(index['shards'])} shards to {args.out} "
           f"({len(index['skipped'])} unreadable files skipped)")
     print(f"train on them with: data.source=\"wds:{index['pattern']}\"")
     return 0

@@ -11,22 +11,30 @@ writes, or a header scan of local shards). Epoch e's sample sequence is the shar
 order, concatenated. Process r of W takes the contiguous range [r*n, (r+1)*n) with n = N // W (the
 N % W left over are counted and reported, never silently lost: they differ epoch to epoch because the
 shard order does). Its n samples make n // B batches; DataLoader worker slot j % num_workers makes
-batch j, each slot streaming one contiguous block of the range through a shuffle buffer seeded by
+batch j from one contiguous block of the range. The slot deals the block's shards (spans) to
+`interleave` lanes, reads the lanes at once and merges them in a random order (webdataset's RandomMix
+over shard streams), then passes the merged samples through a shuffle buffer; both are seeded by
 (seed, epoch, rank, slot). A batch is therefore a pure function of (seed, epoch, rank, batch index),
 like the map-style sampler's, and a resumed run restarts each slot at its batch in the epoch: the
 slot rereads the raw bytes of its block up to there (no decoding), never whole epochs.
+
+The buffer and the lanes mix what a slot reads; they cannot mix classes that the slot never reads: a
+slot holds 1 / (W * workers) of the data, so shards written in class order (an image folder's order)
+give batches of few classes. `vqgan-make-shards` therefore writes rows in a seeded random order and
+records it in index.json (`row_order`); a run on shards in source order warns at start.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import braceexpand
 import numpy as np
@@ -39,6 +47,9 @@ PREFIX = "wds:"
 INDEX_FILE = "index.json"
 # Member extensions taken as the image when data.image_column is left at "image" (webdataset names).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
+
+# The interleaving rng's own seed part, apart from the shuffle buffer's (seed, epoch, rank, slot).
+INTERLEAVE_STREAM = 1
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +118,36 @@ def _index_location(names: list[str], index: str | None) -> str | None:
     return str(candidate) if candidate.is_file() else None
 
 
-def read_index(location: str) -> dict[str, int]:
-    """{shard file name: sample count} from an index.json written by the shard tool (a path or a URL)."""
+def _index_json(location: str) -> dict[str, Any]:
     from webdataset.gopen import gopen
 
     try:
         with gopen(location) as stream:
-            data = json.loads(stream.read())
+            return json.loads(stream.read())
     except Exception as err:
         raise FileNotFoundError(f"could not read the shard index {location}: {type(err).__name__}: {err}") from err
+
+
+def read_index(location: str) -> dict[str, int]:
+    """{shard file name: sample count} from an index.json written by the shard tool (a path or a URL)."""
+    data = _index_json(location)
     try:
         return {Path(entry["name"]).name: int(entry["count"]) for entry in data["shards"]}
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{location} is not a shard index (expected {{'shards': [{{'name', 'count'}}, ...]}})") from err
+
+
+def index_row_order(names: list[str], index: str | None = None) -> dict[str, Any] | None:
+    """The shard tool's record of the rows' order ({"row_order", "shuffle_seed"}; row_order None: an index
+    from before the record) from the shard set's index.json; None when there is no index to read."""
+    location = _index_location(names, index)
+    if location is None:
+        return None
+    try:
+        data = _index_json(location)
+    except FileNotFoundError:  # read_index, which runs first, has already said what is wrong with it
+        return None
+    return {"row_order": data.get("row_order"), "shuffle_seed": data.get("shuffle_seed")}
 
 
 def sample_key(member: str) -> tuple[str, str] | None:
@@ -234,6 +262,22 @@ def shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) -
         yield buffer[j]
 
 
+def deal(spans: list[Span], lanes: int) -> list[list[Span]]:
+    """Spans dealt to `lanes` readers, span i to lane i % lanes (webdataset's split of a shard list by worker)."""
+    return [spans[lane::lanes] for lane in range(min(lanes, len(spans)))]
+
+
+def interleaved(sources: list[Iterator[Any]], counts: list[int], rng: np.random.Generator) -> Iterator[Any]:
+    """The items of `sources` (holding `counts` items) merged in a random order: each next item comes from a
+    source drawn with probability proportional to what it has left, so every merge is equally likely and
+    the sources run out together; a pure function of the rng's seed (webdataset's RandomMix, weighted)."""
+    left = np.array(counts, dtype=np.int64)
+    for _ in range(int(left.sum())):
+        lane = int(np.searchsorted(np.cumsum(left), rng.integers(left.sum()), side="right"))
+        left[lane] -= 1
+        yield next(sources[lane])
+
+
 # ----------------------------------------------------------------------------- the split of an epoch
 
 
@@ -296,9 +340,11 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, names: list[str], spans: list[Span], *, rank: int, world: int, batch_size: int,
-                 workers: int, seed: int, shuffle: bool, shuffle_buffer: int, make_item, collate) -> None:
+                 workers: int, seed: int, shuffle: bool, shuffle_buffer: int, interleave: int, make_item,
+                 collate) -> None:
         self.names, self.spans = names, spans
         self.rank, self.seed, self.shuffle, self.shuffle_buffer = rank, seed, shuffle, shuffle_buffer
+        self.interleave = interleave if shuffle else 1  # unshuffled: the shards' own order, one after another
         self.layout = EpochLayout(sum(s.count for s in spans), world, batch_size, max(1, workers))
         self.make_item, self.collate = make_item, collate
         self.epoch, self.start = 0, 0
@@ -312,25 +358,38 @@ class ShardStream(IterableDataset):
         order = np.random.default_rng(seed_of(self.seed, epoch)).permutation(len(self.spans))
         return [self.spans[i] for i in order]
 
-    def slot_batches(self, epoch: int, slot: int, start_batch: int) -> Iterator[dict[str, Any]]:
-        """Batches start_batch, ... of worker slot `slot` in epoch `epoch`."""
-        layout = self.layout
-        begin, count = layout.slot_range(self.rank, slot)
-        records = (
-            (span.shard, index, key, members)
-            for span in take(self.epoch_spans(epoch), begin, count)
-            for index, key, members in read_samples(self.names[span.shard], span.first, span.count)
-        )
+    def slot_records(self, epoch: int, slot: int, read: Callable[[Span], Iterator[Any]]) -> Iterator[Any]:
+        """The records of worker slot `slot` in epoch `epoch`, in the order its batches take them.
+
+        `read(span)` gives a span's records (its samples, or in benchmarks/data.py their row numbers alone).
+        """
+        begin, count = self.layout.slot_range(self.rank, slot)
+        spans = take(self.epoch_spans(epoch), begin, count)
+        if self.interleave > 1:
+            lanes = deal(spans, self.interleave)
+            sources = [itertools.chain.from_iterable(read(span) for span in lane) for lane in lanes]
+            rng = np.random.default_rng(seed_of(self.seed, epoch, self.rank, slot, INTERLEAVE_STREAM))
+            records = interleaved(sources, [sum(span.count for span in lane) for lane in lanes], rng)
+        else:
+            records = itertools.chain.from_iterable(read(span) for span in spans)
         if self.shuffle and self.shuffle_buffer > 1:
             records = shuffled(records, self.shuffle_buffer, np.random.default_rng(seed_of(self.seed, epoch, self.rank, slot)))
-        skip = start_batch * layout.batch_size
+        return records
+
+    def _read(self, span: Span) -> Iterator[tuple[int, int, str, dict[str, bytes]]]:
+        for index, key, members in read_samples(self.names[span.shard], span.first, span.count):
+            yield span.shard, index, key, members
+
+    def slot_batches(self, epoch: int, slot: int, start_batch: int) -> Iterator[dict[str, Any]]:
+        """Batches start_batch, ... of worker slot `slot` in epoch `epoch`."""
+        skip = start_batch * self.layout.batch_size
         batch: list[Any] = []
-        for position, (shard, index, key, members) in enumerate(records):
+        for position, (shard, index, key, members) in enumerate(self.slot_records(epoch, slot, self._read)):
             if position < skip:
                 continue  # consumed before the resume: read, never decoded
             name = f"{self.names[shard]}:{key}"
             batch.append(self.make_item(members, name, seed_of(self.seed, epoch, shard, index)))
-            if len(batch) == layout.batch_size:
+            if len(batch) == self.layout.batch_size:
                 yield self.collate(batch)
                 batch = []
 
@@ -372,7 +431,10 @@ class StreamLoader:
         stream, layout = self.stream, self.stream.layout
         return {"processes": layout.world, "batch_size": layout.batch_size, "workers": layout.workers,
                 "shuffle": stream.shuffle, "shuffle_buffer": stream.shuffle_buffer if stream.shuffle else 1,
-                "samples": layout.total}
+                "samples": layout.total,
+                # NOTE: only when > 1, so that a checkpoint from before interleaving (which has no such key)
+                # resumes with data.shard_interleave=1, the layout it was saved under, and is refused otherwise.
+                **({"shard_interleave": stream.interleave} if stream.interleave > 1 else {})}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

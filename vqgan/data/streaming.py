@@ -17,15 +17,21 @@ process's position is (epoch, whole batches drawn in it), kept in the checkpoint
 (`TrainState.stream_positions`, one per process). A resumed process rebuilds epoch e's order and
 skips the rows already drawn, raw (images are decoded after the skip, in a thread pool here, so
 DataLoader workers, which `datasets` would hand shards of their own, never change the order).
+
+Batches are read and decoded by a prefetch thread, up to `prefetch` ahead of the training loop, so the
+loop's thread does not wait on the stream; the position counts the batches the loop has taken, not those
+made ahead, and an error in the thread is raised in the loop.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import datasets
 import numpy as np
@@ -46,6 +52,10 @@ from vqgan.data.shards import _to_device, seed_of
 from vqgan.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+# Batches the prefetch thread makes ahead of the training loop: enough to hide a slow read or decode,
+# few enough that the decoded images held stay small (B x 3 x S x S floats each).
+PREFETCH_BATCHES = 2
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,8 @@ class HubStream:
 
     def __init__(self, stream: datasets.IterableDataset, description: str, *, rank: int, world: int,
                  batch_size: int, seed: int, shuffle: bool, shuffle_buffer: int, rows: StreamRows,
-                 make_item: RowItem, collate, threads: int, device: torch.device | str = "cpu") -> None:
+                 make_item: RowItem, collate, threads: int, device: torch.device | str = "cpu",
+                 prefetch: int = PREFETCH_BATCHES) -> None:
         self.stream = process_rows(stream, rows, rank=rank, world=world, shuffle_seed=seed if shuffle else None,
                                    shuffle_buffer=shuffle_buffer)
         # What the saved positions count in: a resume under other values would land on other rows.
@@ -164,7 +175,7 @@ class HubStream:
                               "max_rows": rows.limit}
         self.description, self.rank, self.world = description, rank, world
         self.batch_size, self.seed, self.make_item, self.collate = batch_size, seed, make_item, collate
-        self.threads, self.device = max(1, threads), torch.device(device)
+        self.threads, self.device, self.prefetch = max(1, threads), torch.device(device), prefetch
         self.position = [0, 0]
         self.left_out = 0  # rows of finished epochs that made no whole batch, this process
 
@@ -177,10 +188,11 @@ class HubStream:
         # iteration), so it would skip rows of every process. The rows skipped here are not decoded.
         return itertools.islice(iter(self.stream), skip, None)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _batches(self, position: list[int], left_out: int) -> Iterator[tuple[dict[str, Any], list[int], int]]:
+        """(batch, position after it, rows left out so far) from `position` on: the prefetch thread's work."""
         with ThreadPoolExecutor(self.threads) as pool:
             while True:
-                epoch, done = self.position
+                epoch, done = position
                 rows = self._rows(epoch, done * self.batch_size)
                 index = done * self.batch_size  # of the row in this process's epoch
                 while len(chunk := list(itertools.islice(rows, self.batch_size))) == self.batch_size:
@@ -188,18 +200,65 @@ class HubStream:
                     names = [f"{self.description} rank {self.rank} epoch {epoch} row {index + i}" for i in range(len(chunk))]
                     items = list(pool.map(self.make_item, chunk, names, seeds))
                     index += len(chunk)
-                    self.position = [epoch, self.position[1] + 1]
-                    yield _to_device(self.collate(items), self.device)
-                if self.position[1] == 0:
+                    position = [epoch, position[1] + 1]
+                    yield self.collate(items), position, left_out
+                if position[1] == 0:
                     raise DataError(f"{self.description} gave process {self.rank} only {len(chunk)} rows in epoch "
                                     f"{epoch}, fewer than batch_size={self.batch_size}")
-                self.left_out += len(chunk)
-                if chunk:
-                    log = logger.warning if self.left_out == len(chunk) else logger.info  # warned once, then noted
-                    log("%s: process %d left out the last %d rows of epoch %d (fewer than batch_size=%d; "
-                        "%d left out so far)", self.description, self.rank, len(chunk), epoch, self.batch_size,
-                        self.left_out)
-                self.position = [epoch + 1, 0]
+                left_out += len(chunk)
+                position = [epoch + 1, 0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, position, left_out in prefetched(self._batches(list(self.position), self.left_out), self.prefetch):
+            if left_out > self.left_out:  # logged here, when the loop reaches the epoch's end, not when read ahead
+                rows, epoch = left_out - self.left_out, position[0] - 1
+                log = logger.warning if self.left_out == 0 else logger.info  # warned once, then noted
+                log("%s: process %d left out the last %d rows of epoch %d (fewer than batch_size=%d; "
+                    "%d left out so far)", self.description, self.rank, rows, epoch, self.batch_size, left_out)
+            self.position, self.left_out = position, left_out
+            yield _to_device(batch, self.device)
+
+
+def prefetched(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
+    """The items of `items`, made by a thread up to `depth` ahead; its error is raised here, and it stops
+    (closing `items`) when this iterator is closed or dropped."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue  # the loop is busy: look at `stop` again
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, who raises it
+            put((None, err))
+        finally:
+            items.close()  # the generator's own cleanup (thread pool, open stream) runs in its thread
+
+    thread = threading.Thread(target=produce, name="vqgan-stream-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)  # NOTE: the thread ends at its next put; a batch being made is finished first
 
 
 def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: int, collate) -> HubStream:
