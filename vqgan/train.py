@@ -10,6 +10,7 @@ window ends with one decision (keep or discard) and one update of both optimizer
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -31,7 +32,7 @@ from vqgan.losses import LeCAM, LossConfig
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
 from vqgan.train_utils import evaluate_reconstruction, log_image_grid
-from vqgan.training.batches import record_stream_position, resumable_batches
+from vqgan.training.batches import record_stream_position, resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
 from vqgan.training.gan_step import discriminator_step, generator_step
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
     extra_state = {"generator_ema.safetensors": ema, "lecam.safetensors": lecam}  # outside Accelerate's state
-    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
+    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir,
+              check_state=functools.partial(restore_position, accelerator, train_loader)):
         apply_config_after_resume(opt_g, sched_g, config.optim)  # a changed lr or decay is used, not ignored
         apply_config_after_resume(opt_d, sched_d, config.disc_optim)
     if (done := finished_summary(accelerator, state.step, loop.steps, run_dir)) is not None:

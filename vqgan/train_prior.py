@@ -7,6 +7,7 @@ tokenizer and image data, the images are tokenized first. The run ends with a gr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -35,7 +36,7 @@ from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import check_tokenizer_fits_prior, tokenize_dataset
 from vqgan.prior.transformer import TransformerConfig
-from vqgan.training.batches import resumable_batches
+from vqgan.training.batches import resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
 from vqgan.training.rng import seed_window
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = TrainState()
     checkpoint_root = run_dir / "checkpoints"
     extra_state = {"prior_ema.safetensors": ema}
-    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir):
+    if resume(accelerator, loop.resume, checkpoint_root, state, extra_state, to_dict(config), FROZEN_KEYS, run_dir,
+              check_state=functools.partial(restore_position, accelerator, loader)):
         apply_config_after_resume(optimizer, scheduler, config.optim)  # a changed lr or decay is used, not ignored
     if (done := finished_summary(accelerator, state.step, loop.steps, run_dir)) is not None:
         accelerator.end_training()

@@ -17,14 +17,41 @@ def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> It
     Position p is epoch p // len(loader), offset p % len(loader). The sampler's order depends on
     (seed, epoch) only (`set_epoch`), so skipping `offset` batches of epoch e lands on the very batch
     an uninterrupted run drew there. A stream (vqgan.data.shards.StreamLoader) starts at that batch
-    itself: `loader.iterate(epoch, offset)`, without drawing the batches before it.
+    itself: `loader.iterate(epoch, offset)`, without drawing the batches before it. The position is
+    checked first (`restore_position`), so a position the run cannot continue from fails here.
+    """
+    restore_position(accelerator, loader, state)
+    if hasattr(loader, "seek"):  # an endless stream that keeps its own position (vqgan.data.streaming)
+        return _stream_batches(accelerator, loader, state)
+    return _map_batches(accelerator, loader, state)
+
+
+def restore_position(accelerator: Accelerator | None, loader, state: TrainState) -> None:
+    """Check a resumed data position against this run's layout (idempotent; call it right after loading the state).
+
+    A stream saved under another layout is refused (`check_stream_layout`). A DataLoader position saved
+    under another number of processes, batch size or epoch length is converted through the samples
+    drawn (`convert_position`), or refused when it cannot be; the layout is then recorded in the state.
     """
     check_stream_layout(loader, state)
-    if hasattr(loader, "seek"):  # an endless stream that keeps its own position (vqgan.data.streaming)
-        yield from _stream_batches(accelerator, loader, state)
+    if hasattr(loader, "seek"):
         return
     if len(loader) == 0:
         raise ValueError("the training data yields no batch: fewer images than train.batch_size x processes?")
+    if hasattr(loader, "iterate"):  # vqgan.data.shards: its layout is the stream layout checked above
+        return
+    layout = map_layout(accelerator, loader)
+    if state.data_layout and state.data_layout != layout:
+        converted = convert_position(state.batches_seen, state.data_layout, layout)
+        if accelerator is not None:
+            accelerator.print(f"data position converted: {describe_change(state.data_layout, layout)}; batch "
+                              f"{state.batches_seen} of the saved layout is batch {converted} of this one (the same "
+                              "samples drawn)")
+        state.batches_seen = converted
+    state.data_layout = layout
+
+
+def _map_batches(accelerator: Accelerator, loader, state: TrainState) -> Iterator[Any]:
     while True:
         epoch, offset = divmod(state.batches_seen, len(loader))
         if hasattr(loader, "iterate"):
@@ -35,6 +62,43 @@ def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> It
         for batch in batches:
             state.batches_seen += 1
             yield batch
+
+
+def map_layout(accelerator: Accelerator | None, loader) -> dict[str, int]:
+    """What batches_seen counts in on a DataLoader: {processes, batch_size (per process), batches_per_epoch}."""
+    return {"processes": 1 if accelerator is None else accelerator.num_processes,
+            "batch_size": loader.batch_sampler.batch_size,  # accelerate's BatchSamplerShard keeps the per-process one
+            "batches_per_epoch": len(loader)}
+
+
+def describe_change(saved: dict[str, int], current: dict[str, int]) -> str:
+    names = {"processes": "processes", "batch_size": "train.batch_size", "batches_per_epoch": "batches per epoch"}
+    return ", ".join(f"{names[k]} {saved.get(k)} -> {current[k]}" for k in names if saved.get(k) != current[k])
+
+
+def convert_position(batches_seen: int, saved: dict[str, int], current: dict[str, int]) -> int:
+    """A data position counted in the `saved` layout -> the same position counted in `current`.
+
+    Accelerate deals an epoch's global batches round-robin, so after `offset` batches per process
+    the first offset x batch_size x processes samples of the epoch's (seed, epoch) order are drawn,
+    whatever the layout. That count is converted into batches of the new layout; when it is not a whole
+    number of them the resume is refused (rounding would repeat or skip samples of the epoch silently).
+    A position past the end of a shorter epoch (a smaller data set) starts the next epoch.
+    """
+    epoch, offset = divmod(batches_seen, saved["batches_per_epoch"])
+    drawn = offset * saved["batch_size"] * saved["processes"]  # samples of this epoch, all processes
+    global_batch = current["batch_size"] * current["processes"]
+    new_offset, left = divmod(drawn, global_batch)
+    if left:
+        raise DataError(
+            f"cannot resume the data position under this layout ({describe_change(saved, current)}): the checkpoint "
+            f"drew {drawn} samples of epoch {epoch} ({offset} batches x {saved['batch_size']} x {saved['processes']} "
+            f"processes), not a whole number of the new global batches of {current['batch_size']} x "
+            f"{current['processes']} = {global_batch}. Resume with a batch size x processes that divides {drawn} "
+            "(e.g. the saved ones), or from another checkpoint")
+    if new_offset >= current["batches_per_epoch"]:
+        epoch, new_offset = epoch + 1, 0
+    return epoch * current["batches_per_epoch"] + new_offset
 
 
 def _stream_batches(accelerator: Accelerator, loader, state: TrainState) -> Iterator[Any]:

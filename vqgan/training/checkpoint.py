@@ -15,12 +15,13 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import SAFE_MODEL_NAME, broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -84,6 +85,61 @@ def save_modules(folder: Path, modules: Mapping[str, nn.Module | None]) -> None:
     for name, module in modules.items():
         if module is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, Path(folder) / name)
+
+
+# The wrappers whose key prefixes a state dict picks up: DistributedDataParallel's and torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped_key(key: str) -> str:
+    """'module._orig_mod.encoder.conv.weight' -> 'encoder.conv.weight' (leading wrapper prefixes only)."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_model_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Load `weights` into `model` whether either side carries wrapper prefixes (a DDP run's checkpoint into a
+    plain model, and the reverse); strict, except for tied tensors saved once (safetensors keeps one name)."""
+    own = model.state_dict()
+    own_names = {unwrapped_key(k): k for k in own}
+    renamed = {}
+    for key, value in weights.items():
+        if unwrapped_key(key) not in own_names:
+            raise RuntimeError(f"cannot resume from {source}: it holds {key!r}, which this model does not have "
+                               "(a checkpoint of another architecture?)")
+        renamed[own_names[unwrapped_key(key)]] = value
+    model.load_state_dict(renamed, strict=False)
+    loaded = {own[k].untyped_storage().data_ptr() for k in renamed} - {0}  # 0: empty tensors share no storage
+    missing = [k for k in own if k not in renamed and own[k].untyped_storage().data_ptr() not in loaded]
+    if missing:
+        raise RuntimeError(f"cannot resume from {source}: it lacks {missing[:5]} ({len(missing)} tensors) of this model")
+
+
+def register_portable_weights(accelerator: Accelerator) -> None:
+    """Make Accelerate's model files hold unwrapped names, so any number of processes resumes any checkpoint.
+
+    Under DDP, `save_state` would write the wrapper's names (`module.encoder...`), which a one-process
+    run cannot load, and the reverse. The save hook strips the wrapper prefixes; the load hook loads
+    each model itself through `load_model_weights` (which also reads checkpoints written with prefixes)
+    and takes them out of Accelerate's list, as its docs allow. Optimizer, scheduler and scaler states
+    hold no module names and load on any number of processes as they are.
+    """
+    def save_unwrapped(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], folder: str) -> None:
+        for i, state_dict in enumerate(weights):
+            # an OrderedDict, as state_dict() returns: Accelerate drops tied duplicates from those before safetensors
+            weights[i] = OrderedDict((unwrapped_key(k), v) for k, v in state_dict.items())
+
+    def load_unwrapped(models: list[nn.Module], folder: str) -> None:
+        for i, model in enumerate(models):
+            path = Path(folder) / (f"{SAFE_MODEL_NAME}.safetensors" if i == 0 else f"{SAFE_MODEL_NAME}_{i}.safetensors")
+            if not path.is_file():
+                raise FileNotFoundError(f"cannot resume from {folder}: {path.name} is missing")
+            load_model_weights(model, load_file(path), path)
+        models.clear()  # loaded: Accelerate's own loader skips them
+
+    accelerator.register_save_state_pre_hook(save_unwrapped)
+    accelerator.register_load_state_pre_hook(load_unwrapped)
 
 
 def save_checkpoint(
@@ -226,14 +282,21 @@ def set_aside(root: Path) -> Path | None:
     return aside
 
 
+def processes_saved(checkpoint: Path) -> int:
+    """How many processes wrote `checkpoint` (Accelerate saves one random_states_RANK.pkl per process)."""
+    return len(list(Path(checkpoint).glob("random_states_*.pkl")))
+
+
 def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: TrainState,
            modules: Mapping[str, nn.Module | None], config: Mapping[str, Any], frozen: Sequence[str],
-           run_dir: Path) -> Path | None:
+           run_dir: Path, check_state: Callable[[TrainState], None] | None = None) -> Path | None:
     """Restore Accelerate's state, the train state and `modules` from the checkpoint to resume, if any.
 
     The main process picks the checkpoint and tells the others (so all load the same one, even on a
     filesystem whose listings lag). The config is checked first: a change to a `frozen` key is
     refused naming the keys; other changes are printed and appended to RUN_DIR/config_changes.jsonl.
+    `check_state(state)` runs once the train state is loaded, before anything is printed or recorded: it
+    may convert the data position to this run's layout or refuse it (vqgan.training.batches.restore_position).
     `resume=""` starts over: an earlier run's checkpoints are moved to checkpoints.replaced-TIME.
     """
     chosen: list[Any] = [None]
@@ -260,12 +323,21 @@ def resume(accelerator: Accelerator, resume_setting: str, root: Path, state: Tra
     if accelerator.scaler is not None and not (path / "scaler.pt").is_file():
         raise FileNotFoundError(f"cannot resume {path} in fp16: it was trained without fp16 (no scaler.pt); "
                                 "resume with the precision it was trained in (train.mixed_precision)")
-    accelerator.load_state(str(path))
+    accelerator.load_state(str(path))  # the models through register_portable_weights' hook
     state.load(read_train_state(path))
+    if check_state is not None:
+        check_state(state)
     for name, module in modules.items():
         if module is not None:
             module.load_state_dict(load_file(path / name))  # onto the module's own device
     accelerator.print(f"resumed from {path} at step {state.step}")
+    saved_processes = processes_saved(path)
+    if saved_processes not in (0, accelerator.num_processes):
+        # Accelerate restores random_states_RANK.pkl where that file exists and leaves the other ranks as
+        # seeded; nothing the run draws depends on it, since every window seeds itself (vqgan.training.rng).
+        accelerator.print(f"{path} was written by {saved_processes} processes, this run has "
+                          f"{accelerator.num_processes}: weights, optimizer, lr schedule and scaler resume as saved "
+                          "(the lr is not rescaled for the new effective batch)")
     if changes:
         accelerator.print("config changed since that checkpoint (allowed; recorded in "
                           f"{Path(run_dir) / CHANGES_FILE}):\n" +

@@ -14,6 +14,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list
 
 from vqgan.config import save_config, to_dict
+from vqgan.training.checkpoint import register_portable_weights
 
 
 def parse_recipe_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def build_accelerator(run_dir: Path, mixed_precision: str, tracker: str) -> Acce
     a fixed number of micro-batches from an endless stream, so it never shortens at an epoch end and a
     resume finds the same windows.
     """
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=None if mixed_precision == "launcher" else mixed_precision,
         log_with=None if tracker == "none" else tracker,
         project_dir=str(run_dir),
@@ -40,6 +41,8 @@ def build_accelerator(run_dir: Path, mixed_precision: str, tracker: str) -> Acce
         # overlap the step (vqgan.data pins them on CUDA)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
+    register_portable_weights(accelerator)  # checkpoints resume on any number of processes
+    return accelerator
 
 
 def use_deterministic_kernels(enabled: bool) -> None:

@@ -24,6 +24,9 @@ class TrainState:
     stream_positions: list[list[int]] = field(default_factory=list)
     # what those positions count in (processes, batch_size, workers, shuffle buffer, samples): a resume checks it
     stream_layout: dict[str, Any] = field(default_factory=dict)
+    # what batches_seen counts in on a map-style loader (processes, batch_size, batches_per_epoch): a resume under
+    # another layout converts the position through the samples drawn (vqgan.training.batches.convert_position)
+    data_layout: dict[str, int] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
 
     def to_dict(self) -> dict[str, Any]:
