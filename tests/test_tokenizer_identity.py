@@ -65,7 +65,10 @@ def fresh_accelerate_state():
 def test_vqgan_tokenize_from_a_hub_id_records_the_repo_and_commit(tmp_path):
     local = tiny_tokenizer(tmp_path / "tok", seed=0)
     older = tiny_tokenizer(tmp_path / "older", seed=1)
-    files = lambda folder: {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}  # noqa: E731
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
     cache = fake_cache(tmp_path / "cache", "someone/tok", {"main": files(local), "v0": files(older)})
     hub = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
@@ -78,6 +81,15 @@ def test_vqgan_tokenize_from_a_hub_id_records_the_repo_and_commit(tmp_path):
     assert meta["encode_precision"] == "fp32"
     tokens, _ = token_dataset_tensors(load_token_dataset(out)[0])
     assert torch.equal(tokens, photo_tokens(VQTokenizer.from_pretrained(local)))
+
+    two = tmp_path / "tokens2"  # two processes: the main one resolves the commit, both encode with it
+    result = run_tool("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
+                      "-m", "vqgan.cli.tokenize", "someone/tok", str(two), "--data", *DATA_ARGS,
+                      env={**hub, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((two / METADATA_FILE).read_text())["tokenizer_revision"] == "0" * 40
+    assert torch.equal(token_dataset_tensors(load_token_dataset(two)[0])[0], tokens)
 
     result = run_tool("vqgan.cli.tokenize", "someone/tok", str(tmp_path / "v0"), "--revision", "v0", "--data",
                       *DATA_ARGS, env=hub)
@@ -195,8 +207,8 @@ def test_a_rewritten_tokenizer_is_refused_by_every_decoder_unless_overridden(tmp
     with pytest.raises(TokenizerMismatchError, match=named):
         next(prior_samples(str(prior), 0, 1, options, torch.device("cpu")))
     with pytest.warns(UserWarning, match="going on because --allow-tokenizer-mismatch"):
-        images = next(prior_samples(str(prior), 0, 1, SourceOptions(num_samples=2, batch_size=2,
-                                                                    allow_tokenizer_mismatch=True), torch.device("cpu")))
+        allowed = SourceOptions(num_samples=2, batch_size=2, allow_tokenizer_mismatch=True)
+        images = next(prior_samples(str(prior), 0, 1, allowed, torch.device("cpu")))
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
 
     elsewhere = tiny_tokenizer(tmp_path / "copy_of_a", seed=0)  # A's bytes in another folder decode A's tokens

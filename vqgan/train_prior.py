@@ -134,7 +134,8 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
                                    model_cfg.num_classes, prior=config.prior)
         accelerator.print(f"tokenizing {tokens_cfg.data.source} [{tokens_cfg.split}] with {tokens_cfg.tokenizer}")
         tokenize_dataset(accelerator, tokens_cfg.tokenizer, tokens_cfg.data, tokens_cfg.path, tokens_cfg.split,
-                         tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed, precision=tokens_cfg.encode_precision)
+                         tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed,
+                         precision=tokens_cfg.encode_precision)
     # memory-mapped when sharded (what tokenization writes): no int64 copy of the whole set per rank
     grids, labels, metadata = open_token_grids(tokens_cfg.path)
     model_cfg = prior_config(config)
@@ -155,7 +156,8 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
 MISMATCH_OVERRIDE = "tokens.allow_tokenizer_mismatch=true"
 
 
-def sample_tokenizer(config: PriorTrainConfig, metadata: dict[str, Any], device: torch.device) -> tuple[VQTokenizer | None, str]:
+def sample_tokenizer(config: PriorTrainConfig, metadata: dict[str, Any],
+                     device: torch.device) -> tuple[VQTokenizer | None, str]:
     """The tokenizer that decodes the final samples (tokens.tokenizer, else the one the tokens record) -> (it, "")
     or (None, why there are no samples): none named or reachable, or not the tokenizer that made the tokens
     (checked again here: the folder may have been rewritten while the prior trained)."""

@@ -87,8 +87,8 @@ def recorded_identity(metadata: Mapping[str, Any]) -> TokenizerIdentity | None:
     """The identity a token dataset or prior recorded, or None when it records no hash (older priors)."""
     if not metadata.get(HASH_KEY):
         return None
-    return TokenizerIdentity(str(metadata.get(NAME_KEY) or "an unrecorded tokenizer"), metadata.get(REVISION_KEY) or None,
-                             str(metadata[HASH_KEY]))
+    name = str(metadata.get(NAME_KEY) or "an unrecorded tokenizer")
+    return TokenizerIdentity(name, metadata.get(REVISION_KEY) or None, str(metadata[HASH_KEY]))
 
 
 def check_same_tokenizer(recorded: Mapping[str, Any], what: str, decoder: TokenizerIdentity, *,
