@@ -23,7 +23,13 @@ from vqgan.metrics.sources import SourceOptions, prior_samples
 from vqgan.prior.data import METADATA_FILE, load_token_dataset, token_dataset_tensors
 from vqgan.prior.io import load_prior, save_prior
 from vqgan.prior.tokenize import tokenize_dataset
-from vqgan.prior.tokenizer_identity import TokenizerMismatchError, tokenizer_fingerprint
+from vqgan.prior.tokenizer_identity import (
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    file_fingerprint,
+    resolve_tokenizer,
+    tokenizer_fingerprint,
+)
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
 from vqgan.tokenizer import VQTokenizer
 from vqgan.train_prior import main as train_prior
@@ -122,6 +128,19 @@ def test_a_failure_while_encoding_leaves_no_partial_folder(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="encoder failed"):
         tokenize_dataset(Accelerator(cpu=True), tokenizer, PHOTOS, tmp_path / "tokens")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"], "a half-written token dataset was left behind"
+
+
+def test_the_fingerprint_is_of_the_weights_not_the_file_bytes_and_older_hashes_still_match(tmp_path):
+    """safetensors writes its metadata in an unstable order: the same weights saved again are other bytes."""
+    folders = [tiny_tokenizer(tmp_path / f"t{i}", seed=0) for i in range(6)]
+    assert len({tokenizer_fingerprint(folder) for folder in folders}) == 1
+    assert tokenizer_fingerprint(tiny_tokenizer(tmp_path / "other", seed=1)) != tokenizer_fingerprint(folders[0])
+    _, identity = resolve_tokenizer(folders[0])
+    older = {"tokenizer": "runs/old/tokenizer", "tokenizer_hash": file_fingerprint(folders[0])}  # before this hash
+    check_same_tokenizer(older, "token dataset old", identity, allow_mismatch=False, override="x")
+    with pytest.raises(TokenizerMismatchError, match=r"runs/old/tokenizer \(hash 0+\)"):
+        check_same_tokenizer({**older, "tokenizer_hash": "0" * 16}, "token dataset old", identity,
+                             allow_mismatch=False, override="x")
 
 
 # ------------------------------------------------------------------------------ encoder precision

@@ -8,14 +8,15 @@ commit it resolved to, a folder is made absolute), recorded with the tokens and 
 decoder (prior training's samples, `vqgan-sample`, the `prior:` FID source) compares it with the
 fingerprint of the files it actually loads (`load_matching_tokenizer`).
 
-The fingerprint is a content hash (config.json + model.safetensors), unchanged since token datasets first
-carried it: a token set written before these checks is checked as it is, and the same weights pulled from
-the Hub or copied to another folder still match.
+The fingerprint is a content hash of config.json and the weights' tensors, so the same weights pulled
+from the Hub, copied or saved again elsewhere match. Token sets written before it recorded the hash of the
+files' bytes (which a re-save changes); a decoder whose files have that hash matches them too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,25 @@ class TokenizerMismatchError(DataError):
 
 
 def tokenizer_fingerprint(folder: str | Path) -> str:
-    """sha256 over the tokenizer folder's config.json and weights (first 16 hex digits): its identity."""
+    """sha256 (first 16 hex digits) of the tokenizer folder's config.json and weights: its identity.
+
+    The weights count by their tensors (names, dtypes, shapes, bytes), not by the file's bytes: safetensors
+    writes its metadata entries in an unstable order, so the same weights saved twice differ as files.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / CONFIG_NAME).read_bytes())
+    with open(folder / WEIGHTS_NAME, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header.pop("__metadata__", None)
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        for block in iter(lambda: handle.read(1 << 20), b""):  # the tensors' bytes, in the header's offsets
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(folder: str | Path) -> str:
+    """The fingerprint token datasets recorded before tokenizer_fingerprint: sha256 of the two files' bytes."""
     digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         with open(Path(folder) / name, "rb") as handle:
@@ -49,6 +68,7 @@ class TokenizerIdentity:
     name: str  # a Hub repo id, or the folder's absolute path
     revision: str | None  # the Hub commit the files came from; None for a local folder
     hash: str  # tokenizer_fingerprint of the files
+    file_hash: str = ""  # file_fingerprint: what token sets written before tokenizer_fingerprint recorded
 
     def metadata(self) -> dict[str, Any]:
         return {NAME_KEY: self.name, REVISION_KEY: self.revision, HASH_KEY: self.hash}
@@ -72,10 +92,10 @@ def resolve_tokenizer(name_or_path: str | Path, **hub_kwargs: Any) -> tuple[Path
     local = Path(name_or_path).expanduser()
     folder = resolve_folder(name_or_path, **hub_kwargs)
     if local.is_dir():
-        identity = TokenizerIdentity(str(local.resolve()), None, tokenizer_fingerprint(folder))
+        name, revision = str(local.resolve()), None
     else:
-        identity = TokenizerIdentity(str(name_or_path), _hub_commit(folder), tokenizer_fingerprint(folder))
-    return folder, identity
+        name, revision = str(name_or_path), _hub_commit(folder)
+    return folder, TokenizerIdentity(name, revision, tokenizer_fingerprint(folder), file_fingerprint(folder))
 
 
 def tokenizer_record(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +124,7 @@ def check_same_tokenizer(recorded: Mapping[str, Any], what: str, decoder: Tokeni
         warnings.warn(f"{what} records no {HASH_KEY}: cannot check that tokenizer {decoder.describe()} is the "
                       "one that made its tokens", stacklevel=2)
         return
-    if made_by.hash == decoder.hash:
+    if made_by.hash in (decoder.hash, decoder.file_hash):  # the file hash: token sets of older versions
         return
     problem = (f"{what} holds tokens of tokenizer {made_by.describe()}, but the tokenizer given to decode them is "
                f"{decoder.describe()}: its ids mean other images")
