@@ -2,9 +2,9 @@
 
 A tokenizer of the given preset with random weights (the speed does not depend on the weights)
 tokenizes the same generated JPEGs benchmarks/data.py uses, from the folder (map-style) and from its
-WebDataset shards, and writes memory-mapped token shards. On CUDA the encoder runs in bf16
-autocast. Prints a markdown table and writes it to benchmarks/results/tokenize.md (tokenize_gpu.md on
-a GPU).
+WebDataset shards, and writes memory-mapped token shards. The encoder runs in fp32 (the default,
+the API's ids) or, with --precision bf16, in bf16 autocast. Prints a markdown table and writes it to
+benchmarks/results/tokenize.md (tokenize_gpu.md on a GPU).
 
     .venv/bin/python benchmarks/tokenization.py                          # CPU, preset tiny, 128px, 1000 images
     .venv/bin/python benchmarks/tokenization.py --device cuda --preset imagenet256_f16 --image-size 256 --images 3000
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the encoder's, as vqgan-tokenize --precision")
     parser.add_argument("--quick", action="store_true", help="48 small JPEGs at 32px, 1 worker")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, data in cases.items():
             start = time.perf_counter()
-            meta = tokenize_dataset(accelerator, work / "tokenizer", data, work / "tokens", batch_size=args.batch_size)
+            meta = tokenize_dataset(accelerator, work / "tokenizer", data, work / "tokens", batch_size=args.batch_size,
+                                    precision=args.precision)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# Tokenization throughput\n", f"Machine: {describe_machine(device)}\n",
              f"Tokenizer preset {args.preset} (random weights), {args.image_size}px centre crops of {args.images} "
              f"{args.width}x{args.height} JPEGs, batch {args.batch_size}, {args.workers} workers, "
-             f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; includes start-up and writing the shards. "
+             f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'} encoder; "
+             "includes start-up and writing the shards. "
              f"Command: `python benchmarks/tokenization.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
              "| source | images | seconds | images/s |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {n} | {s:.1f} | {n / s:.1f} |" for name, n, s in rows]

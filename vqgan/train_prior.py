@@ -35,6 +35,12 @@ from vqgan.prior.maskgit import MaskGITConfig, masked_token_loss, training_mask
 from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import check_tokenizer_fits_prior, tokenize_dataset
+from vqgan.prior.tokenizer_identity import (
+    check_same_tokenizer,
+    load_matching_tokenizer,
+    resolve_tokenizer,
+    tokenizer_record,
+)
 from vqgan.prior.transformer import TransformerConfig
 from vqgan.training.batches import resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
@@ -71,6 +77,10 @@ class TokensConfig:
     split: str = "train"
     hflip_rows: bool = False  # also store the horizontally flipped image's tokens as extra rows
     batch_size: int = 32  # tokenization batch
+    encode_precision: Literal["fp32", "bf16"] = "fp32"  # tokenization's encoder; recorded with the tokens
+    # Train on (and decode the samples of) tokens another tokenizer made, with a warning instead of an error:
+    # the tokens' tokenizer_hash names the tokenizer that made them (vqgan.prior.tokenizer_identity).
+    allow_tokenizer_mismatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,16 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
                                    model_cfg.num_classes, prior=config.prior)
         accelerator.print(f"tokenizing {tokens_cfg.data.source} [{tokens_cfg.split}] with {tokens_cfg.tokenizer}")
         tokenize_dataset(accelerator, tokens_cfg.tokenizer, tokens_cfg.data, tokens_cfg.path, tokens_cfg.split,
-                         tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed)
+                         tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed,
+                         precision=tokens_cfg.encode_precision)
     # memory-mapped when sharded (what tokenization writes): no int64 copy of the whole set per rank
     grids, labels, metadata = open_token_grids(tokens_cfg.path)
     model_cfg = prior_config(config)
     check_token_dataset(metadata, model_cfg.num_codes, model_cfg.grid)
+    if tokens_cfg.tokenizer:  # it decodes the samples: refuse before training, not after
+        _, decoder = resolve_tokenizer(tokens_cfg.tokenizer)
+        check_same_tokenizer(metadata, f"token dataset {tokens_cfg.path}", decoder,
+                             allow_mismatch=tokens_cfg.allow_tokenizer_mismatch, override=MISMATCH_OVERRIDE)
     if model_cfg.num_classes > 0:
         if labels is None:
             raise DataError(f"{config.prior}.num_classes={model_cfg.num_classes} but {tokens_cfg.path} has no labels")
@@ -137,6 +152,25 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
             raise DataError(f"labels of {tokens_cfg.path} span [{int(labels.min())}, {int(labels.max())}], "
                              f"outside [0, {model_cfg.num_classes})")
     return grids, labels, metadata
+
+
+MISMATCH_OVERRIDE = "tokens.allow_tokenizer_mismatch=true"
+
+
+def sample_tokenizer(config: PriorTrainConfig, metadata: dict[str, Any],
+                     device: torch.device) -> tuple[VQTokenizer | None, str]:
+    """The tokenizer that decodes the final samples (tokens.tokenizer, else the one the tokens record) -> (it, "")
+    or (None, why there are no samples): none named or reachable, or not the tokenizer that made the tokens
+    (checked again here: the folder may have been rewritten while the prior trained)."""
+    name = config.tokens.tokenizer or None
+    if name is None and not metadata.get("tokenizer"):
+        return None, "no tokenizer to decode them"
+    try:
+        return load_matching_tokenizer(name, metadata, f"token dataset {config.tokens.path}", device=device,
+                                       allow_mismatch=config.tokens.allow_tokenizer_mismatch,
+                                       override=MISMATCH_OVERRIDE), ""
+    except ValueError as err:  # TokenizerMismatchError, or a recorded tokenizer that is gone (ExportError)
+        return None, str(err)
 
 
 # Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
@@ -199,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
     def write_checkpoint_files(folder: Path) -> None:
-        save_prior(raw_model, folder / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"]})
+        save_prior(raw_model, folder / "prior", extra=tokenizer_record(metadata))
         save_modules(folder, extra_state)
 
     progress = tqdm(total=loop.steps, initial=state.step, desc="prior",
@@ -249,12 +283,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {"step": state.step, **loss_figures(config.prior, bits, model_cfg.seq_len), "uniform_bits_per_token": uniform_bits, "nonfinite_steps": state.nonfinite_steps,
                "run_dir": str(run_dir)}
     if accelerator.is_main_process:
-        prior_dir = save_prior(final, run_dir / "prior", extra={"tokenizer_hash": metadata["tokenizer_hash"],
-                                                               "tokenizer": metadata.get("tokenizer", "")})
+        prior_dir = save_prior(final, run_dir / "prior", extra=tokenizer_record(metadata))
         summary["prior"] = str(prior_dir)
-        tokenizer_path = config.tokens.tokenizer or metadata.get("tokenizer", "")
-        if tokenizer_path and Path(tokenizer_path).exists():
-            tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=accelerator.device)
+        tokenizer, no_samples = sample_tokenizer(config, metadata, accelerator.device)
+        if tokenizer is None:
+            summary["samples_skipped"] = no_samples
+            accelerator.print(f"no samples: {no_samples}")
+        else:
             sample_labels = list(config.sample_labels) or list(range(model_cfg.num_classes)) or None  # every class
             if sample_labels:
                 sample_labels = [sample_labels[i % len(sample_labels)] for i in range(config.sampling.num_samples)]
@@ -265,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "\n== done ==\n"
             f"steps {state.step}, {loss_text(config.prior, bits, model_cfg.seq_len)} (uniform prior: {uniform_bits:.2f} bits/token)\n"
             f"prior: {summary['prior']}\n"
-            f"samples: {summary.get('samples', 'none (no tokenizer to decode them)')}\n"
+            f"samples: {summary.get('samples', 'none (' + summary.get('samples_skipped', '') + ')')}\n"
             f"tensorboard: tensorboard --logdir {run_dir}"
         )
     accelerator.end_training()

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, help="prior: number of samples")
     parser.add_argument("--seed", type=int, default=0, help="prior: batch b samples with seed + b (any process count)")
     parser.add_argument("--prior-tokenizer", help="prior: tokenizer that decodes the samples (default: the prior's own)")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="prior: decode with a tokenizer other than the one that made the prior's tokens (warns)")
     parser.add_argument("--temperature", type=float, default=1.0, help="prior: sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=None, help="prior: keep the k most likely codes")
     parser.add_argument("--top-p", type=float, default=None, help="prior: nucleus sampling mass")
@@ -138,6 +140,7 @@ def run(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size, num_workers=num_workers, max_images=args.max_images, protocol=args.protocol,
         split=args.split, config=args.config, image_column=args.image_column, images=args.images,
         num_samples=args.num_samples, seed=args.seed, prior_tokenizer=args.prior_tokenizer,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         steps=args.steps, mask_schedule=args.mask_schedule, choice_temperature=args.choice_temperature)
     if device.type == "cuda":

@@ -18,13 +18,16 @@ from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.pretrained import from_pretrained as load_prior
 from vqgan.prior.sampling import SamplingConfig
-from vqgan.tokenizer import VQTokenizer
+from vqgan.prior.tokenizer_identity import load_matching_tokenizer
 
 
 def run(argv: list[str] | None = None) -> int:
     parser = CommandParser(prog="vqgan-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prior", help="prior folder (runs/NAME/prior or a checkpoint's prior/) or Hub repo id")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder; default: the one the prior was trained on")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id; default: the one the prior was "
+                        "trained on (its tokenizer_hash must match either way)")
+    parser.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                        help="decode with a tokenizer other than the one that made the prior's tokens (warns)")
     parser.add_argument("--out", type=Path, default=Path("samples"))
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -46,10 +49,11 @@ def run(argv: list[str] | None = None) -> int:
                             use_kv_cache=not args.no_kv_cache, seed=args.seed, steps=args.steps,
                             mask_schedule=args.mask_schedule, choice_temperature=args.choice_temperature)
     prior, meta = load_prior(args.prior, device=args.device)
-    tokenizer_path = args.tokenizer or meta.get("tokenizer")
-    if not tokenizer_path:
+    if not (args.tokenizer or meta.get("tokenizer")):
         raise ValueError(f"{args.prior} does not record its tokenizer: pass --tokenizer")
-    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=args.device)
+    tokenizer = load_matching_tokenizer(args.tokenizer, meta, f"prior {args.prior}", device=args.device,
+                                        allow_mismatch=args.allow_tokenizer_mismatch,
+                                        override="--allow-tokenizer-mismatch")
     labels = None
     if args.labels:
         labels = [args.labels[i % len(args.labels)] for i in range(args.num_samples)]

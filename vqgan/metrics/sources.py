@@ -55,6 +55,7 @@ class SourceOptions:
     num_samples: int | None = None  # prior: number of samples
     seed: int = 0  # prior: batch b of the samples draws from seed + b, whatever the number of processes
     prior_tokenizer: str | None = None  # prior: the tokenizer decoding the samples (default: the prior's)
+    allow_tokenizer_mismatch: bool = False  # prior: decode with a tokenizer whose hash is not the prior's (warns)
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -209,13 +210,14 @@ def prior_samples(prior_path: str, rank: int, world: int, options: SourceOptions
     from vqgan.prior.generate import generate_images
     from vqgan.prior.pretrained import from_pretrained as load_prior
     from vqgan.prior.sampling import SamplingConfig
-    from vqgan.tokenizer import VQTokenizer
+    from vqgan.prior.tokenizer_identity import load_matching_tokenizer
 
     prior, meta = load_prior(prior_path, device=str(device))
-    tokenizer_path = options.prior_tokenizer or meta.get("tokenizer")
-    if not tokenizer_path:
+    if not (options.prior_tokenizer or meta.get("tokenizer")):
         raise ValueError(f"{prior_path} does not record its tokenizer: pass --prior-tokenizer")
-    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=device)
+    tokenizer = load_matching_tokenizer(options.prior_tokenizer, meta, f"prior {prior_path}", device=device,
+                                        allow_mismatch=options.allow_tokenizer_mismatch,
+                                        override="--allow-tokenizer-mismatch")
     num_classes = prior.config.num_classes
     for b, chunk in enumerate(sample_batches(options.num_samples, options.batch_size)):
         if b % world != rank:

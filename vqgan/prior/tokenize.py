@@ -9,12 +9,12 @@ hub sources split by files, without a hold-out or cap: in an order that depends 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -27,17 +27,12 @@ from vqgan.data import BadItem, DataConfig, build_dataset
 from vqgan.errors import DataError
 from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
 from vqgan.prior.data import finish_token_shards, write_token_shard
+from vqgan.prior.tokenizer_identity import (  # noqa: F401  (tokenizer_fingerprint: re-exported)
+    TokenizerIdentity,
+    resolve_tokenizer,
+    tokenizer_fingerprint,
+)
 from vqgan.utils import images_from_model_range, replace_folder_atomically
-
-
-def tokenizer_fingerprint(folder: str | Path) -> str:
-    """sha256 over the tokenizer's config.json and weights: the identity a token dataset records."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(Path(folder) / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _tokenizer_config_file(tokenizer_path: str | Path) -> Path:
@@ -206,6 +201,35 @@ def _rows_of(data: DataConfig, split: str, seed: int, rank: int, world: int):
 # Grids per token shard file: ~33 MB of uint16 at 16x16 tokens; a process holds at most one chunk.
 ROWS_PER_SHARD = 65536
 
+# How the encoder runs: "fp32" gives the ids VQTokenizer.encode gives (CPU or GPU, TF32 off, so ids do not
+# depend on the device beyond float rounding); "bf16" (autocast) is faster on GPUs and may move ids whose
+# nearest codes are near ties. Recorded in the token metadata either way.
+EncodePrecision = Literal["fp32", "bf16"]
+ENCODE_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in ENCODE_PRECISIONS:
+        raise ValueError(f"encode precision {precision!r} is not one of {list(ENCODE_PRECISIONS)}")
+
+
+@contextmanager
+def encoder_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the encoder in `precision`: fp32 with TF32 off (restored after), or bf16 autocast."""
+    check_precision(precision)
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    # NOTE: PyTorch runs cuDNN convolutions in TF32 by default; that is not the fp32 the API's ids promise
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):  # a caller's autocast must not reach the encoder
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 
 @torch.no_grad()
 def tokenize_dataset(
@@ -218,16 +242,22 @@ def tokenize_dataset(
     hflip_rows: bool = False,
     seed: int = 0,
     rows_per_shard: int = ROWS_PER_SHARD,
+    precision: EncodePrecision = "fp32",
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Write the token dataset of `data`'s `split` to `out_path`; returns its metadata (on every process).
 
     Any source streams through: map-style rows rank::world, "wds:" shards and streamed hub datasets
     split by process. Each process writes its own token shards (vqgan.prior.data, sharded layout) into a
     hidden folder beside `out_path`; the main process writes the index and renames the folder into
-    place, so a reader never sees half a dataset. On a GPU the encoder runs in bf16 autocast.
+    place, so a reader never sees half a dataset. The tokenizer (folder or Hub repo id) is resolved and
+    fingerprinted once, before any image is encoded (a Hub id at `revision`, pinned to the commit the
+    main process resolved); the metadata records it and the encoder `precision`.
     """
     device = accelerator.device
-    tokenizer = VQTokenizer.from_pretrained(tokenizer_path, device=device)
+    check_precision(precision)  # before any work
+    folder, identity = resolve_on_every_process(accelerator, tokenizer_path, revision)
+    tokenizer = VQTokenizer.from_pretrained(folder, device=device)
     rows = _rows_of(data, split, seed, accelerator.process_index, accelerator.num_processes)
     workers = 0 if isinstance(rows, _StreamedRows) else data.num_workers  # it decodes in threads of its own
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
@@ -239,43 +269,19 @@ def tokenize_dataset(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-
-    entries: list[dict[str, Any]] = []
-    keys, grids, labels, skipped = [], [], [], []  # this process's current chunk: key = 2 * row + flipped
-
-    def flush() -> None:
-        if keys:
-            entries.append(write_token_shard(
-                partial, accelerator.process_index, len(entries), np.concatenate(grids),
-                np.concatenate(labels) if data.label_column else None, np.concatenate(keys), tokenizer.num_codes))
-            keys.clear(), grids.clear(), labels.clear()
-
-    held = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in tqdm(loader, desc=f"tokenize {split}", disable=not accelerator.is_local_main_process):
-        skipped.extend(batch["skipped"])
-        if batch["images"] is None:
-            continue
-        images = images_from_model_range(batch["images"].to(device, non_blocking=True))  # (B, 3, S, S) in [0, 1]
-        row_keys = torch.tensor(batch["rows"], dtype=torch.long)
-        variants = [(0, images)] + ([(1, images.flip(-1))] if hflip_rows else [])
-        for flipped, view in variants:
-            with autocast:
-                codes = tokenizer.encode(view)  # (B, h, w)
-            keys.append((2 * row_keys + flipped).numpy())
-            grids.append(codes.to(torch.int32).cpu().numpy())
-            labels.append(np.array([-1 if label is None else label for label in batch["labels"]], dtype=np.int64))
-            held += len(row_keys)
-        if held >= rows_per_shard:
-            flush()
-            held = 0
-    flush()
+    try:
+        entries, skipped = _encode_rows(accelerator, tokenizer, loader, partial, data, split, hflip_rows,
+                                        rows_per_shard, precision)
+    except BaseException:
+        if accelerator.is_main_process:  # never leave a half-written dataset behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
     entries = gather_object(entries)
     skipped = gather_object(skipped)
     num_rows = sum(e["rows"] for e in entries)
-    metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], "tokenizer_hash": tokenizer_fingerprint(tokenizer_path),
-                "tokenizer": str(tokenizer_path), "source": data.source, "split": split, "hflip_rows": hflip_rows,
+    metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], **identity.metadata(),
+                "encode_precision": precision, "source": data.source, "split": split, "hflip_rows": hflip_rows,
                 "num_rows": num_rows, "skipped_files": len(skipped)}
     accelerator.wait_for_everyone()
     error: Exception | None = None
@@ -293,6 +299,67 @@ def tokenize_dataset(
         raise error
     accelerator.wait_for_everyone()
     return metadata
+
+
+def resolve_on_every_process(accelerator: Accelerator, tokenizer_path: str | Path,
+                             revision: str | None) -> tuple[Path, TokenizerIdentity]:
+    """The main process resolves the tokenizer (a Hub id to a commit), the others fetch that very commit;
+    every process checks that it holds the same files, so no rank encodes with other weights."""
+    from accelerate.utils import broadcast_object_list
+
+    resolved: list[TokenizerIdentity | Exception | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            resolved = [resolve_tokenizer(tokenizer_path, revision=revision)[1]]
+        except ValueError as err:  # ExportError: every process raises it, none waits for a broadcast forever
+            resolved = [err]
+    identity = broadcast_object_list(resolved)[0]
+    if isinstance(identity, Exception):
+        raise identity
+    pinned = identity.revision if identity.revision else revision
+    folder, mine = resolve_tokenizer(tokenizer_path, revision=pinned)
+    if mine.hash != identity.hash:
+        raise DataError(f"process {accelerator.process_index} reads tokenizer {mine.describe()} but the main process "
+                        f"read {identity.describe()}: the tokenizer must be the same files on every process "
+                        "(a shared folder, not rewritten while tokenizing)")
+    return folder, identity
+
+
+def _encode_rows(accelerator: Accelerator, tokenizer: VQTokenizer, loader: DataLoader, partial: Path,
+                 data: DataConfig, split: str, hflip_rows: bool, rows_per_shard: int,
+                 precision: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Encode this process's rows into token shards in `partial` -> (their entries, names of unreadable files)."""
+    device = accelerator.device
+    entries: list[dict[str, Any]] = []
+    keys, grids, labels, skipped = [], [], [], []  # this process's current chunk: key = 2 * row + flipped
+
+    def flush() -> None:
+        if keys:
+            entries.append(write_token_shard(
+                partial, accelerator.process_index, len(entries), np.concatenate(grids),
+                np.concatenate(labels) if data.label_column else None, np.concatenate(keys), tokenizer.num_codes))
+            keys.clear(), grids.clear(), labels.clear()
+
+    held = 0
+    for batch in tqdm(loader, desc=f"tokenize {split}", disable=not accelerator.is_local_main_process):
+        skipped.extend(batch["skipped"])
+        if batch["images"] is None:
+            continue
+        images = images_from_model_range(batch["images"].to(device, non_blocking=True))  # (B, 3, S, S) in [0, 1]
+        row_keys = torch.tensor(batch["rows"], dtype=torch.long)
+        variants = [(0, images)] + ([(1, images.flip(-1))] if hflip_rows else [])
+        for flipped, view in variants:
+            with encoder_precision(precision, device):
+                codes = tokenizer.encode(view)  # (B, h, w)
+            keys.append((2 * row_keys + flipped).numpy())
+            grids.append(codes.to(torch.int32).cpu().numpy())
+            labels.append(np.array([-1 if label is None else label for label in batch["labels"]], dtype=np.int64))
+            held += len(row_keys)
+        if held >= rows_per_shard:
+            flush()
+            held = 0
+    flush()
+    return entries, skipped
 
 
 def _move_contents(source: Path, target: Path) -> None:
