@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,7 +371,13 @@ def gather_in_order(local: torch.Tensor, indices: Sequence[int]) -> torch.Tensor
     return rows[torch.argsort(order)]
 
 
-def set_exact_float32() -> None:
-    """Full fp32 convolutions and matmuls on GPUs: TF32 (PyTorch's default for cuDNN convs) shifts features."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls inside (TF32, PyTorch's default for cuDNN convs, shifts features and
+    reconstructions on Ampere and later GPUs); the flags as they were afterwards, so training code keeps its own."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
