@@ -127,6 +127,31 @@ class HFImages(Dataset):
         return pil_to_uint8(self.dataset[index][self.column], self.protocol)
 
 
+class DataConfigImages(Dataset):
+    """The rows of a training config's split (vqgan.data: embedded, hub, folder, shards, held-out rows), each
+    decoded whole as training decodes it (EXIF rotation, RGB) and prepared by the protocol, not cropped."""
+
+    def __init__(self, table, column: str, description: str, protocol: str = "native", max_images: int | None = None):
+        if max_images is not None and max_images < len(table):
+            table = table.select(range(max_images))
+        self.table, self.column, self.description, self.protocol = table, column, description, protocol
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from vqgan.data import decode_image
+
+        cell = self.table[index][self.column]
+        try:
+            image = decode_image(cell)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+            name = cell.get("path") or f"{self.description} row {index}"
+            raise ValueError(f"cannot read image {name}: {type(err).__name__}: {err}; a protocol figure needs every "
+                             "image of the split: remove or replace the file") from None
+        return pil_to_uint8(image, self.protocol)
+
+
 def load_hf_dataset(name: str, split: str, config: str | None, column: str | None):
     """A hub name, a save_to_disk folder or an imagefolder directory -> (Dataset, image column name)."""
     import datasets
@@ -183,6 +208,14 @@ def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
     return images[..., top : top + h, left : left + w]
 
 
+def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images (B, 3, H, W) -> (the images as the tokenizer saw them, cropped to multiples of f (uint8),
+    their ids (B, h, w), the reconstructions (B, 3, H', W') as floats in [0, 1])."""
+    images = crop_to_multiple(images, tokenizer.downsample_factor)
+    ids = tokenizer.encode(images)  # uint8 accepted: (B, h, w)
+    return images, ids, tokenizer.decode(ids).clamp(0.0, 1.0)
+
+
 def tokenizer_reconstructions(tokenizer, batches: Batches) -> Iterator[torch.Tensor]:
     """uint8 image batches of any sizes -> the tokenizer's reconstructions as uint8.
 
@@ -190,9 +223,7 @@ def tokenizer_reconstructions(tokenizer, batches: Batches) -> Iterator[torch.Ten
     them; the reference statistics then come from the uncropped images, which differ by < f pixels per side.
     """
     for images in batches:  # each batch holds one image size (collate_runs)
-        images = crop_to_multiple(images, tokenizer.downsample_factor)
-        ids = tokenizer.encode(images)  # uint8 accepted: (B, h, w)
-        yield float_to_uint8(tokenizer.decode(ids))
+        yield float_to_uint8(reconstruct(tokenizer, images)[2])
 
 
 def sample_batches(count: int, batch_size: int) -> list[range]:
@@ -304,6 +335,19 @@ def open_source(spec: str, other: str | None, options: SourceOptions, device: to
                               options, pin)
     raise ValueError(f"source {spec!r} is not a folder, an .npz, or one of hf:, recon:, prior: "
                      "(does the path exist?)")
+
+
+def data_config_source(config, split: str, options: SourceOptions, device: torch.device) -> ImageSource:
+    """The images of split "train" or "eval" of a vqgan.data.DataConfig as an ImageSource, prepared by
+    options.protocol; the config's crop settings play no part."""
+    import dataclasses
+
+    from vqgan.data import build_dataset
+
+    # NOTE: a resize skips build_dataset's check that training crops fit the images: the protocol sizes them here
+    rows = build_dataset(dataclasses.replace(config, resize=config.resize or config.image_size), split)
+    images = DataConfigImages(rows.table, rows.image_column, rows.description, options.protocol, options.max_images)
+    return dataset_source(f"{rows.description}, protocol {options.protocol}", images, options, device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------- statistics
