@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give the images once: --data KEY=VALUE (a training config's split) or --images SRC")
     if args.images is not None and not (args.images.startswith("hf:") or Path(args.images).is_dir()):
         parser.error(f"--images {args.images!r} is neither a folder nor hf:NAME_OR_PATH")
+    if args.images is not None and args.split is not None and not args.images.startswith("hf:"):
+        parser.error("--split names a split of --data or of an hf: dataset; a folder has none")
     if args.images is None and args.split not in (None, "train", "eval"):
         parser.error(f"--split with --data is train or eval, got {args.split!r}")
     return args
@@ -144,11 +146,12 @@ def run(argv: list[str] | None = None) -> int:
     if inception is not None and metrics["num_images"] < inception.dim:
         notes.append(f"rFID from {metrics['num_images']} images (< {inception.dim} feature dims) is unreliable")
     setup = dataclasses.asdict(report.setup)
+    lines = [describe_setup(setup), *notes]  # what the figures were measured on, then what is missing
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps({"metrics": metrics, "setup": setup, "notes": notes}, indent=2))
-    atomic_write_text(out / "metrics.md", markdown_table(metrics, [describe_setup(setup), *notes]))
+    atomic_write_text(out / "metrics.md", markdown_table(metrics, lines))
     atomic_write_text(out / "code_counts.json", json.dumps(counts.tolist()))
     n = len(pairs) // 2
     originals, recon = pairs[:n], pairs[n:]
@@ -161,9 +164,8 @@ def run(argv: list[str] | None = None) -> int:
     figures = [(out / "reconstructions.png", "originals (top) and reconstructions (bottom)"),
                (out / "code_usage.png", "code usage, most to least used"),
                (out / "codebook_tsne.png", "t-SNE of the codebook, coloured by usage")]
-    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, [describe_setup(setup), *notes],
-                       figures)
-    print(markdown_table(metrics, [describe_setup(setup), *notes]))
+    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, lines, figures)
+    print(markdown_table(metrics, lines))
     print(f"wrote {out}/summary.html, metrics.json, metrics.md, code_counts.json, reconstructions.png"
           + ("" if args.no_plots else ", code_usage.png, codebook_tsne.png"))
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}), flush=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
+from tqdm.auto import tqdm
 
 from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
 from vqgan.metrics.image_metrics import capped_psnr, ssim
@@ -47,7 +48,6 @@ class ReconstructionReport:
     setup: EvaluationSetup
 
 
-@torch.no_grad()
 def evaluate_reconstructions(
     tokenizer, source: ImageSource, protocol: str, split: str | None, state: PartialState, device: torch.device,
     lpips=None, extractor: InceptionFeatures | None = None,
@@ -62,6 +62,7 @@ def evaluate_reconstructions(
     per_image: list[torch.Tensor] = []  # each (B, 3) float64: PSNR, SSIM, LPIPS
     examples: list[tuple[torch.Tensor, torch.Tensor]] = []
     tokens_per_image = 0
+    progress = tqdm(total=len(indices), desc="evaluate", unit="img", disable=not state.is_main_process)
     with exact_float32(), torch.inference_mode():
         for images in source.shard(state.process_index, state.num_processes):  # uint8 (B, 3, H, W)
             images = images.to(device)
@@ -78,16 +79,17 @@ def evaluate_reconstructions(
                 fake.update(extractor(float_to_uint8(recon)))
             if len(examples) < NUM_EXAMPLES and (not examples or examples[0][0].shape == originals.shape[1:]):
                 examples.extend(zip(originals[: NUM_EXAMPLES - len(examples)].cpu(), recon.cpu()))
+            progress.update(len(images))
+    progress.close()
     local = torch.cat(per_image) if per_image else torch.zeros(0, 3, dtype=torch.float64)
     if len(local) != len(indices):
         raise RuntimeError(f"process {state.process_index} evaluated {len(local)} images, expected {len(indices)}")
     ordered = gather_in_order(local, indices)  # (N, 3) in the source's order, whatever the number of processes
-    if is_distributed():
-        torch.distributed.all_reduce(counts)
-    counts = counts.cpu()
     sizes = torch.tensor([tokens_per_image], device=device)
-    if is_distributed():  # a process without images has no grid to report
+    if is_distributed():  # code counts are integer sums; a process without images has no token grid to report
+        torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    counts = counts.cpu()
     metrics = {
         "num_images": len(ordered),
         "psnr": float(ordered[:, 0].mean()),

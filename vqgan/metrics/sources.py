@@ -7,6 +7,7 @@ A source is
     hf:NAME_OR_PATH          a `datasets` dataset: hub name, a save_to_disk folder, or an imagefolder directory
     recon:TOKENIZER          the tokenizer's reconstructions of another source (rFID)
     prior:PRIOR              samples of a prior decoded by its tokenizer (gFID)
+and, for vqgan-evaluate, the "train" or "eval" split of a training DataConfig (`data_config_source`).
 
 Each process streams a disjoint shard of the images into float64 sums (sum x, sum x x^T, count), and one
 all-reduce of those sums yields exactly the single-process statistics: no padding, no duplicates, and
