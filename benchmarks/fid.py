@@ -12,6 +12,7 @@ rounds and each reports its best and median round, so that load from other jobs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -128,11 +129,10 @@ def main() -> None:
     parser.add_argument("--skip-multiprocess", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "fid.md")
     args = parser.parse_args()
-    if args.device == "cuda":
-        fid_tool.set_exact_float32()
+    exact = fid_tool.exact_float32() if args.device == "cuda" else contextlib.nullcontext()
 
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    with exact, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = write_random_inception_weights(tmp / "inception-random.pth")
         half = args.num_images // 2

@@ -141,7 +141,8 @@ def test_tokenizer_push_sends_exactly_the_folder_files_and_pulls_back_by_revisio
     assert sorted(sent) == ["README.md", "config.json", "model.safetensors", "reconstructions.png"]
     assert json.loads(sent["config.json"]) == json.loads(json.dumps(tokenizer_config(tok.config, tok.train_summary)))
     card = sent["README.md"].decode()
-    assert "| psnr | 21.5 |" in card and "| rfid | 3.25 |" in card and "(reconstructions.png)" in card
+    assert "| psnr | 21.5 |" in card and "(reconstructions.png)" in card
+    assert "| rfid (protocol not recorded) | 3.25 |" in card  # an rFID is never published without its protocol
     assert sent["reconstructions.png"] == grid.read_bytes()
 
     other = VQTokenizer.from_model(VQModel(preset("tiny")))  # another revision holds other weights

@@ -49,3 +49,35 @@ def test_two_processes_give_the_one_process_fid(tmp_path_factory):
     assert double["fid"] == pytest.approx(single["fid"], rel=1e-9)
     for key in ("isc1", "isc2", "isc1_std", "precision", "recall"):
         assert double[key] == pytest.approx(single[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_processes_gives_the_one_process_figures(tmp_path_factory):
+    """vqgan-evaluate shards the images like vqgan-fid; per-image figures are gathered in the source's order."""
+    import torch
+
+    from vqgan.autoencoder import VQModel, preset
+    from vqgan.export import VQTokenizer
+
+    root = tmp_path_factory.mktemp("evaluate_dist")
+    torch.manual_seed(0)
+    VQTokenizer.from_model(VQModel(preset("tiny")).eval()).save_pretrained(root / "tokenizer")
+    write_images(root / "images", 5, shift=0.0, seed=0, size=40)
+    args = ["-m", "vqgan.cli.evaluate", str(root / "tokenizer"), "--images", str(root / "images"),
+            "--inception-weights", str(random_weights(tmp_path_factory)), "--feature-layer", "64", "--batch-size", "2",
+            "--no-plots", "--no-download", "--lpips-weights", str(root / "no-vgg.pth"), "--num-workers", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(root / "one")], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                          *args, "--out", str(root / "two")], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    single, double = (json.loads(run.stdout.strip().splitlines()[-1]) for run in (one, two))
+    assert single["num_images"] == double["num_images"] == 5
+    for key in ("psnr", "ssim", "usage", "perplexity", "rfid"):  # images batched with other companions: rounding
+        assert double[key] == pytest.approx(single[key], rel=1e-6), key

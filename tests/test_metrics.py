@@ -214,6 +214,36 @@ def test_extractor_equals_torch_fidelity_port_and_is_per_image(weights):
         ours(images.float())
 
 
+def test_inception_file_is_read_once_and_never_unpickled_unsafely(weights, monkeypatch):
+    """One read gives the hash and the tensors (no swap window), and torch-fidelity's port loads nothing itself."""
+    import builtins
+
+    opened, loads = [], []
+    real_open, real_load = builtins.open, torch.load
+
+    def counting_open(file, *args, **kwargs):  # builtins.open (torch.load of a path) and io.open (pathlib)
+        if isinstance(file, (str, Path)) and Path(file) == weights:
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(torch, "load", recording_load)
+    ours = InceptionFeatures(weights, layer="64", extra_layers=("logits_unbiased",))
+    monkeypatch.undo()
+    assert len(opened) == 1, opened
+    assert loads == [True]  # the safe load only: no weights_only=False (or default) unpickling
+    from vqgan.metrics.inception import extractor_identity
+
+    assert ours.identity == extractor_identity(weights, "64")  # the hash of the bytes that were loaded
+    port_state = torch.load(weights, weights_only=True)
+    assert all(torch.equal(ours.net.state_dict()[k], v) for k, v in port_state.items())
+
+
 def test_collate_runs_groups_equal_sizes_in_order():
     tool = load_tool()
     items = [torch.zeros(3, 4, 4), torch.ones(3, 4, 4), torch.zeros(3, 5, 4), torch.ones(3, 4, 4)]

@@ -66,21 +66,48 @@ def model_card(config: Mapping[str, Any], onnx_image_size: tuple[int, int] | Non
 
 
 def evaluation_section(evaluation: Mapping[str, Any] | None, grid: bool) -> list[str]:
-    """Markdown lines: a table of evaluation figures (with their protocol notes) and the reconstruction grid."""
+    """Markdown lines: a table of evaluation figures (rFID labelled with its setup), the setup, notes and grid.
+
+    `evaluation["setup"]`: vqgan-evaluate's record of what the figures were measured on (protocol, split,
+    image count, feature extractor); an rFID without one is published as "protocol not recorded".
+    """
     if not evaluation and not grid:
         return []
+    evaluation = evaluation or {}
+    setup = evaluation.get("setup")
     lines = ["", "## Evaluation", ""]
-    figures = {k: v for k, v in (evaluation or {}).items() if isinstance(v, (int, float)) or v is None}
+    figures = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) or v is None}
     if figures:
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {name} | {'n/a' if value is None else _fmt(value)} |" for name, value in figures.items()]
+        lines += [f"| {_figure_name(name, setup)} | {'n/a' if value is None else _fmt(value)} |"
+                  for name, value in figures.items()]
+    if isinstance(setup, Mapping):
+        lines.append(f"- setup: {describe_setup(setup)}")
     for key in ("protocol", "data", "notes"):
-        value = (evaluation or {}).get(key)
+        value = evaluation.get(key)
         if value:
             lines.append(f"- {key}: {'; '.join(value) if isinstance(value, list) else value}")
     if grid:
         lines += ["", f"![originals (top) and reconstructions (bottom)]({GRID_NAME})"]
     return lines
+
+
+def describe_setup(setup: Mapping[str, Any]) -> str:
+    """One line from vqgan-evaluate's setup record: protocol, split, image count, images, features, precision."""
+    crop = setup.get("crop")
+    protocol = f"{setup.get('protocol')} ({'shorter side ' + str(crop) + ', centre crop' if crop else 'images as they are'})"
+    split = setup.get("split") or "-"
+    return (f"protocol {protocol}; split {split}; {setup.get('num_images')} images ({setup.get('images')}); "
+            f"features {setup.get('feature_extractor') or 'none (rFID skipped)'}; fp32 {setup.get('float32')}")
+
+
+def _figure_name(name: str, setup: Any) -> str:
+    """rFID only means something with its protocol and image count: say them in the row itself."""
+    if name != "rfid":
+        return name
+    if not isinstance(setup, Mapping):
+        return "rfid (protocol not recorded)"
+    return f"rfid ({setup.get('protocol')}, split {setup.get('split') or '-'}, {setup.get('num_images')} images)"
 
 
 def _fmt(value: Any) -> str:

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
 from vqgan.grids import render_image_grid, save_image_grid
-from vqgan.metrics.image_metrics import psnr
+from vqgan.metrics.image_metrics import capped_psnr, psnr
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import atomic_write_bytes, images_from_model_range
 
@@ -40,32 +42,55 @@ def log_image_grid(accelerator: Accelerator, inputs: torch.Tensor, reconstructio
     return path
 
 
+def batches_of_process(loader: DataLoader, rank: int, world: int) -> tuple[list[int], DataLoader]:
+    """(global batch numbers, a DataLoader of those batches) for process `rank` of `world`.
+
+    Batch b of the loader's single-process order (unshuffled) goes whole to process b mod world, so every
+    image is computed with the same batch companions, and so to the same bits, on any number of processes.
+    """
+    count, size = len(loader.dataset), loader.batch_size
+    batches = [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+    numbers = list(range(rank, len(batches), world))
+    shard = DataLoader(loader.dataset, batch_sampler=[batches[b] for b in numbers], num_workers=loader.num_workers,
+                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    return numbers, shard
+
+
 @torch.no_grad()
 def evaluate_reconstruction(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
-    """Held-out PSNR (dB, images in [0, 1]), codebook usage over the split and code perplexity.
+    """Held-out PSNR (dB, images in [0, 1], capped), codebook usage over the split and code perplexity.
 
-    Runs on the main process only: the held-out split is small, and the quantizer does no collective
-    communication in eval mode, so the other processes simply wait at the next barrier.
+    Every process evaluates its share of the (unshuffled) eval loader's batches (`batches_of_process`) and
+    gets the same result: the per-image PSNRs are gathered and averaged in the single-process order, and
+    the code histograms are integer sums, so the figures are identical on any number of processes. (On
+    rank 0 alone, a 50k-image eval kept the others waiting in a collective past NCCL's timeout.) The
+    quantizer does no collective communication in eval mode, so uneven shares are fine.
     """
-    if not accelerator.is_main_process:
-        return {}
     was_training = model.training
     model.eval()
-    psnrs, counts = [], None
-    for batch in loader:
+    numbers, batches = batches_of_process(loader, accelerator.process_index, accelerator.num_processes)
+    num_codes = model.config.quantizer.num_codes
+    counts = torch.zeros(num_codes, dtype=torch.long, device=accelerator.device)  # (K,)
+    psnrs: list[tuple[int, torch.Tensor]] = []  # (global batch number, (B',) float64 PSNRs)
+    for number, batch in zip(numbers, batches):
         images = batch["images"].to(accelerator.device)
+        if images.shape[0] == 0:
+            continue  # every file of this batch was unreadable (the data pipeline warned about each)
         with accelerator.autocast():
             decoded, quant = model(images)
         recon = model.to_images(decoded.float())
-        psnrs.append(psnr(images_from_model_range(recon), images_from_model_range(images), data_range=1.0))
-        hist = torch.bincount(quant.indices.flatten(), minlength=model.config.quantizer.num_codes)
-        counts = hist if counts is None else counts + hist
+        scores = capped_psnr(images_from_model_range(recon), images_from_model_range(images), data_range=1.0)
+        psnrs.append((number, scores.double().cpu()))
+        counts += torch.bincount(quant.indices.flatten(), minlength=num_codes)
     model.train(was_training)
-    if counts is None:
+    every = sorted(gather_object(psnrs), key=lambda item: item[0])  # all processes' batches, in batch order
+    counts = accelerator.reduce(counts, reduction="sum").cpu()
+    if not every:
         return {}
+    per_image = torch.cat([scores for _, scores in every])  # (N,) in the single-process order
     return {
-        "psnr": float(torch.cat(psnrs).mean()),
+        "psnr": float(per_image.mean()),
         "usage": float((counts > 0).double().mean()),
         "perplexity": float(perplexity(counts)),
-        "num_images": int(sum(p.numel() for p in psnrs)),
+        "num_images": per_image.numel(),
     }

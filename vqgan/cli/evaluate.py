@@ -1,41 +1,57 @@
-"""Reconstruction metrics of a tokenizer on a dataset split: PSNR, SSIM, LPIPS, rFID, codebook usage.
+"""Reconstruction metrics of a tokenizer: PSNR, SSIM, LPIPS, rFID and codebook usage, under an evaluation protocol.
 
-    vqgan-evaluate runs/quickstart/tokenizer --out eval/ --data source=embedded image_size=32
-    vqgan-evaluate TOKENIZER --data source=cifar10 image_column=img eval_split=test \
-        image_size=32 --split eval --inception-weights weights-inception-2015-12-05-6726825d.pth
+    vqgan-evaluate runs/quickstart/tokenizer --out eval/ --data source=embedded
+    vqgan-evaluate TOKENIZER --data source=ILSVRC/imagenet-1k eval_split=validation \
+        --inception-weights weights-inception-2015-12-05-6726825d.pth       # rFID as the papers report it
+    vqgan-evaluate TOKENIZER --images hf:ILSVRC/imagenet-1k --split validation   # a vqgan-fid source
+    vqgan-evaluate TOKENIZER --data source=cifar10 image_column=img eval_split=test --protocol native
+    accelerate launch --multi_gpu --num_processes 8 -m vqgan.cli.evaluate TOKENIZER ...   # 8 shards
 
-LPIPS is reported when the VGG16 weights are present and rFID when the InceptionV3 weights are (both
-otherwise say why they are missing). Writes summary.html (one page: figures, reconstructions, usage,
-codebook t-SNE), metrics.json, metrics.md, code_counts.json, code_usage.png, codebook_tsne.png and
-reconstructions.png into --out; the last printed line is the JSON summary. `vqgan-export --push-to-hub
-REPO --evaluation OUT/metrics.json --grid OUT/reconstructions.png` puts the figures into the model card.
+The images are the split of a training config (--data KEY=VALUE, DataConfig fields; --split train|eval)
+or a vqgan-fid source (--images DIR or hf:NAME, --split naming the dataset split), prepared by --protocol:
+imagenet-val (default: shorter side 256, centre crop 256x256, the protocol of LlamaGen's, Open-MAGVIT2's
+and IBQ's rFID tables) or native (as they are, cropped to multiples of f). The rFID is `vqgan-fid SRC
+recon:TOKENIZER --protocol P`'s: the same sources, reconstructions and extractor, in exact fp32 (TF32
+off during the metric). LPIPS is reported when the VGG16 weights are present and rFID when the
+InceptionV3 weights are (both otherwise say why they are missing).
+
+Writes summary.html (one page: figures, reconstructions, usage, codebook t-SNE), metrics.json (figures,
+their setup: protocol, split, image count, feature extractor; and notes), metrics.md, code_counts.json,
+code_usage.png, codebook_tsne.png and reconstructions.png into --out; the last printed line is the JSON
+summary. `vqgan-export --push-to-hub REPO --evaluation OUT/metrics.json --grid OUT/reconstructions.png`
+puts the figures, labelled with their setup, into the model card.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.cli.fid import default_num_workers, metric_processes
 from vqgan.config import apply_overrides, from_dict
-from vqgan.data import DataConfig, build_dataloader
+from vqgan.data import DataConfig
 from vqgan.grids import save_image_grid
-from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
-from vqgan.metrics.image_metrics import psnr, ssim
-from vqgan.metrics.inception import load_inception
+from vqgan.metrics.image_metrics import psnr
+from vqgan.metrics.inception import FEATURE_LAYERS, load_inception
 from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne
-from vqgan.metrics.sources import float_to_uint8
+from vqgan.metrics.protocols import PROTOCOLS
+from vqgan.metrics.reconstruction import evaluate_reconstructions
+from vqgan.metrics.sources import SourceOptions, data_config_source, open_source
 from vqgan.metrics.summary_page import write_summary_page
+from vqgan.model_card import describe_setup
 from vqgan.perceptual import LPIPS, MissingWeightsError
-from vqgan.quantize_utils import perplexity
 from vqgan.tokenizer import VQTokenizer
-from vqgan.utils import atomic_write_text, images_from_model_range
+from vqgan.utils import atomic_write_text
+
+DEFAULT_HF_SPLIT = "validation"  # --images hf:NAME without --split: ImageNet's held-out split on the hub
 
 
 def optional_lpips(weights: str | None, allow_download: bool) -> tuple[LPIPS | None, str]:
@@ -52,60 +68,6 @@ def optional_inception(weights: str | None, layer: str, device: torch.device, al
         return None, "rFID skipped: " + " ".join(line.strip() for line in str(err).splitlines())
 
 
-@torch.no_grad()
-def evaluate(tokenizer: VQTokenizer, loader, lpips: LPIPS | None, inception, device: torch.device,
-             max_images: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """-> (metrics, code counts (K,), a few (original, reconstruction) pairs for the grid)."""
-    counts = torch.zeros(tokenizer.num_codes, dtype=torch.long)
-    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    real_stats = fake_stats = None
-    if inception is not None:
-        real_stats, fake_stats = FeatureStatistics(inception.dim, device), FeatureStatistics(inception.dim, device)
-    seen, examples = 0, []
-    progress = tqdm(total=max_images or len(loader.dataset), desc="evaluate", unit="img")
-    for batch in loader:
-        images = images_from_model_range(batch["images"].to(device))  # (B, 3, H, W) in [0, 1]
-        if max_images is not None:
-            images = images[: max_images - seen]
-        if len(images) == 0:
-            continue  # every file of this batch was unreadable (the data pipeline warned about each)
-        ids = tokenizer.encode(images)  # (B, h, w)
-        recon = tokenizer.decode(ids).clamp(0, 1)  # (B, 3, H, W)
-        counts += torch.bincount(ids.flatten().cpu(), minlength=tokenizer.num_codes)
-        sums["psnr"] += float(psnr(recon, images, data_range=1.0).clamp(max=100.0).sum())
-        sums["ssim"] += float(ssim(recon, images, data_range=1.0).sum())
-        if lpips is not None:
-            sums["lpips"] += float(lpips(recon * 2 - 1, images * 2 - 1, reduction="none").sum())
-        if inception is not None:
-            real_stats.update(inception(float_to_uint8(images)))
-            fake_stats.update(inception(float_to_uint8(recon)))
-        if len(examples) < 8:
-            examples.extend(zip(images[: 8 - len(examples)].cpu(), recon.cpu()))
-        seen += len(images)
-        progress.update(len(images))
-        if max_images is not None and seen >= max_images:
-            break
-    progress.close()
-    if seen == 0:
-        raise ValueError("the split has no readable image to evaluate")
-    metrics = {
-        "num_images": seen,
-        "psnr": sums["psnr"] / seen,
-        "ssim": sums["ssim"] / seen,
-        "lpips": sums["lpips"] / seen if lpips is not None else None,
-        "rfid": None,
-        "usage": float((counts > 0).double().mean()),
-        "perplexity": float(perplexity(counts)),
-        "num_codes": tokenizer.num_codes,
-        "tokens_per_image": int(ids[0].numel()),
-    }
-    if inception is not None:
-        identity = inception.identity
-        metrics["rfid"] = fid_from_stats(real_stats.to_stats(identity), fake_stats.to_stats(identity))
-    originals, reconstructions = (torch.stack(t) for t in zip(*examples))
-    return metrics, counts, torch.cat([originals, reconstructions])
-
-
 def markdown_table(metrics: dict, notes: list[str]) -> str:
     def fmt(value):
         return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
@@ -114,40 +76,82 @@ def markdown_table(metrics: dict, notes: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
 
-def run(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CommandParser(prog="vqgan-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokenizer", help="exported tokenizer folder or hub id")
-    parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="DataConfig fields")
-    parser.add_argument("--split", default="eval", choices=("train", "eval"))
+    parser.add_argument("--data", nargs="*", default=None, metavar="KEY=VALUE",
+                        help="DataConfig fields naming the images (default: the embedded photos)")
+    parser.add_argument("--images", help="a vqgan-fid image source instead of --data: DIR or hf:NAME_OR_PATH")
+    parser.add_argument("--split", default=None, help="--data: train or eval (default eval); --images hf: the "
+                        f"dataset split (default {DEFAULT_HF_SPLIT})")
+    parser.add_argument("--protocol", default="imagenet-val", choices=tuple(PROTOCOLS),
+                        help="preprocessing: imagenet-val (shorter side 256, centre crop; default), imagenet-val-512, "
+                        "native (as they are)")
     parser.add_argument("--out", type=Path, default=Path("eval"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process")
+    parser.add_argument("--num-workers", type=int, default=None, help="decoding workers per process")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
     parser.add_argument("--lpips-weights", default=None, help="vgg16-397923af.pth (default: $VQGAN_VGG16_WEIGHTS / cache)")
     parser.add_argument("--inception-weights", default=None, help="TF-FID InceptionV3 weights (default: torch-fidelity cache)")
-    parser.add_argument("--feature-layer", default="2048", choices=("64", "192", "768", "2048"))
+    parser.add_argument("--feature-layer", default="2048", choices=FEATURE_LAYERS, help="2048 = pool3, FID's layer")
     parser.add_argument("--no-download", action="store_true", help="never try to download missing weights")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    # whole images: centre crops, no flips
-    data = from_dict(DataConfig, apply_overrides({"random_crop": False, "hflip": False}, args.data))
+    if args.images is not None and args.data is not None:
+        parser.error("give the images once: --data KEY=VALUE (a training config's split) or --images SRC")
+    if args.images is not None and not (args.images.startswith("hf:") or Path(args.images).is_dir()):
+        parser.error(f"--images {args.images!r} is neither a folder nor hf:NAME_OR_PATH")
+    if args.images is not None and args.split is not None and not args.images.startswith("hf:"):
+        parser.error("--split names a split of --data or of an hf: dataset; a folder has none")
+    if args.images is None and args.split not in (None, "train", "eval"):
+        parser.error(f"--split with --data is train or eval, got {args.split!r}")
+    return args
+
+
+def open_images(args: argparse.Namespace, options: SourceOptions, device: torch.device):
+    """(the ImageSource to evaluate, the split it is) from --data or --images."""
+    if args.images is not None:
+        split = options.split if args.images.startswith("hf:") else None
+        return open_source(args.images, None, options, device), split
+    data = from_dict(DataConfig, apply_overrides({}, args.data or []))
+    split = args.split or "eval"
+    return data_config_source(data, split, options, device), split
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state, device = metric_processes(args.device)
+    options = SourceOptions(batch_size=args.batch_size, max_images=args.max_images, protocol=args.protocol,
+                            num_workers=default_num_workers(state) if args.num_workers is None else args.num_workers,
+                            split=args.split or DEFAULT_HF_SPLIT)
+    source, split = open_images(args, options, device)
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer, device=device)
-    loader = build_dataloader(data, args.split, batch_size=args.batch_size, shuffle=False)
-    lpips, lpips_note = optional_lpips(args.lpips_weights, not args.no_download)
-    inception, fid_note = optional_inception(args.inception_weights, args.feature_layer, device, not args.no_download)
+    with state.main_process_first(), warnings.catch_warnings():  # the first process downloads; one copy of warnings
+        if not state.is_main_process:
+            warnings.simplefilter("ignore")
+        lpips, lpips_note = optional_lpips(args.lpips_weights, not args.no_download)
+        inception, fid_note = optional_inception(args.inception_weights, args.feature_layer, device, not args.no_download)
     notes = [n for n in (lpips_note, fid_note) if n]
     if lpips is not None:
         lpips = lpips.to(device)
-    metrics, counts, pairs = evaluate(tokenizer, loader, lpips, inception, device, args.max_images)
+    if state.is_main_process:
+        print(f"{source.description}: {source.count} images; {state.num_processes} process(es) on {device}")
+    report = evaluate_reconstructions(tokenizer, source, args.protocol, split, state, device, lpips, inception)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return 0
+    metrics, counts, pairs = report.metrics, report.counts, report.pairs
     if inception is not None and metrics["num_images"] < inception.dim:
         notes.append(f"rFID from {metrics['num_images']} images (< {inception.dim} feature dims) is unreliable")
+    setup = dataclasses.asdict(report.setup)
+    lines = [describe_setup(setup), *notes]  # what the figures were measured on, then what is missing
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps({"metrics": metrics, "notes": notes}, indent=2))
-    atomic_write_text(out / "metrics.md", markdown_table(metrics, notes))
+    atomic_write_text(out / "metrics.json", json.dumps({"metrics": metrics, "setup": setup, "notes": notes}, indent=2))
+    atomic_write_text(out / "metrics.md", markdown_table(metrics, lines))
     atomic_write_text(out / "code_counts.json", json.dumps(counts.tolist()))
     n = len(pairs) // 2
     originals, recon = pairs[:n], pairs[n:]
@@ -160,11 +164,12 @@ def run(argv: list[str] | None = None) -> int:
     figures = [(out / "reconstructions.png", "originals (top) and reconstructions (bottom)"),
                (out / "code_usage.png", "code usage, most to least used"),
                (out / "codebook_tsne.png", "t-SNE of the codebook, coloured by usage")]
-    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, notes, figures)
-    print(markdown_table(metrics, notes))
+    write_summary_page(out / "summary.html", f"Tokenizer {args.tokenizer}", metrics, lines, figures)
+    print(markdown_table(metrics, lines))
     print(f"wrote {out}/summary.html, metrics.json, metrics.md, code_counts.json, reconstructions.png"
           + ("" if args.no_plots else ", code_usage.png, codebook_tsne.png"))
-    print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}))
+    print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}), flush=True)
+    state.wait_for_everyone()
     return 0
 
 

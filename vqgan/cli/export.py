@@ -59,7 +59,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def read_evaluation(path: Path) -> dict:
-    """metrics.json of vqgan-evaluate -> {metric: value, ..., "notes": [...]} for the model card."""
+    """metrics.json of vqgan-evaluate -> {metric: value, ..., "notes": [...], "setup": {...}} for the model card."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -68,7 +68,10 @@ def read_evaluation(path: Path) -> dict:
         raise ValueError(f"--evaluation {path} is not valid JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
         raise ValueError(f"--evaluation {path} is not vqgan-evaluate's metrics.json (no 'metrics' object)")
-    return {**data["metrics"], "notes": list(data.get("notes", []))}
+    evaluation = {**data["metrics"], "notes": list(data.get("notes", []))}
+    if isinstance(data.get("setup"), dict):  # protocol, split, image count, extractor: labels the rFID in the card
+        evaluation["setup"] = data["setup"]
+    return evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

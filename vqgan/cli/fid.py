@@ -24,11 +24,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
 from vqgan.metrics.protocols import PROTOCOLS
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,27 +119,36 @@ def extra_metrics(per_image: list, args: argparse.Namespace) -> dict:
     return result
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """The command without its error handling: -> {"fid", "count1", "count2"} (and "stats")."""
+def metric_processes(device: str | None) -> tuple[PartialState, torch.device]:
+    """(the processes sharing a metric, this process's device): one under python, N under accelerate launch."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from vqgan.metrics.fid import fid_from_stats, load_stats, save_stats
-    from vqgan.metrics.inception import LOGITS_LAYER, InceptionFeatures, extractor_identity, resolve_weights_path
-    from vqgan.metrics.sources import ImageSource, SourceOptions, open_source, set_exact_float32, source_statistics
     from vqgan.utils import is_distributed
 
-    args = parse_args(argv)
     # NOTE: PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU; without cpu=True a CPU launch comes up
     # as one process per rank that each think they are alone.
-    cpu = args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     if is_distributed() and torch.distributed.get_world_size() != state.num_processes:
         raise RuntimeError(f"{torch.distributed.get_world_size()} ranks but accelerate sees {state.num_processes}")
-    device = torch.device(args.device) if args.device else state.device
-    num_workers = args.num_workers
-    if num_workers is None:
-        num_workers = min(4, max(0, (os.cpu_count() or 1) // state.num_processes - 1))
+    return state, torch.device(device) if device else state.device
+
+
+def default_num_workers(state: PartialState) -> int:
+    """Decoding workers per process: the CPU cores shared out, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) // state.num_processes - 1))
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """The command without its error handling: -> {"fid", "count1", "count2"} (and "stats")."""
+    from vqgan.metrics.fid import fid_from_stats, load_stats, save_stats
+    from vqgan.metrics.inception import LOGITS_LAYER, InceptionFeatures, extractor_identity, resolve_weights_path
+    from vqgan.metrics.sources import ImageSource, SourceOptions, exact_float32, open_source, source_statistics
+
+    args = parse_args(argv)
+    state, device = metric_processes(args.device)
+    num_workers = default_num_workers(state) if args.num_workers is None else args.num_workers
     options = SourceOptions(
         batch_size=args.batch_size, num_workers=num_workers, max_images=args.max_images, protocol=args.protocol,
         split=args.split, config=args.config, image_column=args.image_column, images=args.images,
@@ -143,15 +156,21 @@ def run(argv: list[str] | None = None) -> dict:
         allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
         steps=args.steps, mask_schedule=args.mask_schedule, choice_temperature=args.choice_temperature)
-    if device.type == "cuda":
-        set_exact_float32()
     with state.main_process_first():  # only the first process may download the weights
         weights = resolve_weights_path(args.inception_weights, download=not args.no_download)
-    identity = extractor_identity(weights, args.feature_layer)
     sources = [
         open_source(spec, args.sources[1 - i] if len(args.sources) == 2 else None, options, device)
         for i, spec in enumerate(args.sources)
     ]
+    extractor = None
+    if any(isinstance(source, ImageSource) for source in sources):
+        with warnings.catch_warnings():
+            if not state.is_main_process:  # one copy of load-time warnings is enough
+                warnings.simplefilter("ignore")
+            extra = (LOGITS_LAYER,) if args.isc else ()
+            extractor = InceptionFeatures(weights, args.feature_layer, extra_layers=extra).to(device).eval()
+    # the identity of the bytes the extractor loaded (its one read of the file); only statistics: hash the file
+    identity = extractor.identity if extractor is not None else extractor_identity(weights, args.feature_layer)
     stats = [load_stats(s, identity) if isinstance(s, str) else None for s in sources]
     per_image: list = [None] * len(sources)
     for i, loaded in enumerate(stats):
@@ -159,17 +178,11 @@ def run(argv: list[str] | None = None) -> dict:
             check_reference(loaded.source, sources[i], sources[1 - i], args.allow_different_reference)
     if state.is_main_process:
         print(f"features: {identity.describe()}; {state.num_processes} process(es) on {device}")
-    extractor = None
     for i, source in enumerate(sources):
         if isinstance(source, ImageSource):
-            if extractor is None:
-                with warnings.catch_warnings():
-                    if not state.is_main_process:  # one copy of load-time warnings is enough
-                        warnings.simplefilter("ignore")
-                    extra = (LOGITS_LAYER,) if args.isc else ()
-                    extractor = InceptionFeatures(weights, args.feature_layer, extra_layers=extra).to(device).eval()
-            out = source_statistics(source, extractor, state, device, args.bf16 and device.type == "cuda",
-                                    keep_features=args.prc, keep_logits=args.isc)
+            with exact_float32():
+                out = source_statistics(source, extractor, state, device, args.bf16 and device.type == "cuda",
+                                        keep_features=args.prc, keep_logits=args.isc)
             stats[i], per_image[i] = out.stats, out
     result: dict = {"count1": stats[0].count}
     if state.is_main_process:  # the O(D^3) square root once, not on every process

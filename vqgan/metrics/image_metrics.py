@@ -27,6 +27,16 @@ def psnr(preds: torch.Tensor, target: torch.Tensor, *, data_range: float) -> tor
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
+# An exact reconstruction has infinite PSNR, and one such image makes a mean infinite; 100 dB (MSE 1e-10 of the
+# range squared) is far above any lossy tokenizer and keeps averages finite and comparable.
+PSNR_CEILING_DB = 100.0
+
+
+def capped_psnr(preds: torch.Tensor, target: torch.Tensor, *, data_range: float) -> torch.Tensor:
+    """(B,) PSNR in dB capped at PSNR_CEILING_DB: the per-image figure that evaluations average."""
+    return psnr(preds, target, data_range=data_range).clamp(max=PSNR_CEILING_DB)
+
+
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(size,) normalised 1-D Gaussian: scipy.ndimage.gaussian_filter's kernel with truncate=(size-1)/(2 sigma)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2

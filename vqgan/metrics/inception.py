@@ -10,8 +10,10 @@ Heusel et al. 2017, https://arxiv.org/abs/1706.08500; https://github.com/toshas/
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import tempfile
+import threading
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -100,14 +102,37 @@ def resolve_weights_path(weights_path: str | Path | None = None, download: bool 
     return path  # InceptionFeatures warns if its sha256 is not the official file's
 
 
-def _check_weights_file(path: Path) -> None:
-    """Load with weights_only=True so that a hostile file cannot run code (STYLE habit 8), and check the keys."""
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256) of a weights file from one read: the hash describes the very bytes loaded.
+
+    weights_only=True so that a hostile file cannot run code (STYLE habit 8); the keys are checked too.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as err:
+        raise FileNotFoundError(_missing_weights_message(path, f"cannot read it ({err})")) from err
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a PyTorch InceptionV3 state dict ({WEIGHTS_FILENAME}): {err}") from err
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise ValueError(f"{path} does not hold the TF-FID InceptionV3 state dict of torch-fidelity's port")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+_PORT_LOCK = threading.Lock()
+
+
+def port_with_state(features: list[str], state: dict[str, torch.Tensor], internal_dtype: str) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's network, unchanged, holding `state`; the port itself reads no file.
+
+    NOTE: the port's constructor either unpickles a path with weights_only=False or downloads the file. We
+    hand it the tensors already read safely through the one name it calls for the download, swapped for
+    the constructor's duration (under a lock, since it is a module attribute), so nothing is read twice
+    and no file can be swapped between our check and its load.
+    """
+    with _PORT_LOCK, mock.patch.object(_port, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        return FeatureExtractorInceptionV3(EXTRACTOR_NAME, features, feature_extractor_internal_dtype=internal_dtype)
 
 
 def extractor_identity(weights_path: str | Path, layer: str = "2048") -> ExtractorIdentity:
@@ -124,25 +149,20 @@ class InceptionFeatures(nn.Module):
                  extra_layers: tuple[str, ...] = ()):
         super().__init__()
         path = Path(weights_path)
-        self.identity = extractor_identity(path, layer)
-        _check_weights_file(path)
-        if not self.identity.weights_sha256.startswith(WEIGHTS_SHA256_PREFIX):
+        if layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature layer must be one of {FEATURE_LAYERS}, got {layer!r}")
+        unknown = [name for name in extra_layers if name not in (*FEATURE_LAYERS, LOGITS_LAYER)]
+        if unknown:
+            raise ValueError(f"unknown extra feature layers {unknown}; valid: {(*FEATURE_LAYERS, LOGITS_LAYER)}")
+        state, sha256 = read_weights(path)  # the file's one read
+        self.identity = ExtractorIdentity(EXTRACTOR_NAME, layer, sha256)
+        if not sha256.startswith(WEIGHTS_SHA256_PREFIX):
             warnings.warn(
                 f"{path} is not the official TF-FID InceptionV3 file (sha256 does not start with "
                 f"{WEIGHTS_SHA256_PREFIX}); FIDs from it are not comparable with published numbers",
                 stacklevel=2,
             )
-        # NOTE: the port reloads the file with weights_only=False; having loaded it with weights_only=True
-        # above, we know it holds only tensors, so that second unpickling runs no code.
-        unknown = [name for name in extra_layers if name not in (*FEATURE_LAYERS, LOGITS_LAYER)]
-        if unknown:
-            raise ValueError(f"unknown extra feature layers {unknown}; valid: {(*FEATURE_LAYERS, LOGITS_LAYER)}")
-        self.net = FeatureExtractorInceptionV3(
-            EXTRACTOR_NAME,
-            [layer, *extra_layers],
-            feature_extractor_weights_path=str(path),
-            feature_extractor_internal_dtype=internal_dtype,
-        )
+        self.net = port_with_state([layer, *extra_layers], state, internal_dtype)
         self.layer = layer
         self.dim = FEATURE_DIMS[layer]
 

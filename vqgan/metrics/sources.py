@@ -7,6 +7,7 @@ A source is
     hf:NAME_OR_PATH          a `datasets` dataset: hub name, a save_to_disk folder, or an imagefolder directory
     recon:TOKENIZER          the tokenizer's reconstructions of another source (rFID)
     prior:PRIOR              samples of a prior decoded by its tokenizer (gFID)
+and, for vqgan-evaluate, the "train" or "eval" split of a training DataConfig (`data_config_source`).
 
 Each process streams a disjoint shard of the images into float64 sums (sum x, sum x x^T, count), and one
 all-reduce of those sums yields exactly the single-process statistics: no padding, no duplicates, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,31 @@ class HFImages(Dataset):
         return pil_to_uint8(self.dataset[index][self.column], self.protocol)
 
 
+class DataConfigImages(Dataset):
+    """The rows of a training config's split (vqgan.data: embedded, hub, folder, shards, held-out rows), each
+    decoded whole as training decodes it (EXIF rotation, RGB) and prepared by the protocol, not cropped."""
+
+    def __init__(self, table, column: str, description: str, protocol: str = "native", max_images: int | None = None):
+        if max_images is not None and max_images < len(table):
+            table = table.select(range(max_images))
+        self.table, self.column, self.description, self.protocol = table, column, description, protocol
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from vqgan.data import decode_image
+
+        cell = self.table[index][self.column]
+        try:
+            image = decode_image(cell)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
+            name = cell.get("path") or f"{self.description} row {index}"
+            raise ValueError(f"cannot read image {name}: {type(err).__name__}: {err}; a protocol figure needs every "
+                             "image of the split: remove or replace the file") from None
+        return pil_to_uint8(image, self.protocol)
+
+
 def load_hf_dataset(name: str, split: str, config: str | None, column: str | None):
     """A hub name, a save_to_disk folder or an imagefolder directory -> (Dataset, image column name)."""
     import datasets
@@ -183,6 +210,14 @@ def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
     return images[..., top : top + h, left : left + w]
 
 
+def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images (B, 3, H, W) -> (the images as the tokenizer saw them, cropped to multiples of f (uint8),
+    their ids (B, h, w), the reconstructions (B, 3, H', W') as floats in [0, 1])."""
+    images = crop_to_multiple(images, tokenizer.downsample_factor)
+    ids = tokenizer.encode(images)  # uint8 accepted: (B, h, w)
+    return images, ids, tokenizer.decode(ids).clamp(0.0, 1.0)
+
+
 def tokenizer_reconstructions(tokenizer, batches: Batches) -> Iterator[torch.Tensor]:
     """uint8 image batches of any sizes -> the tokenizer's reconstructions as uint8.
 
@@ -190,9 +225,7 @@ def tokenizer_reconstructions(tokenizer, batches: Batches) -> Iterator[torch.Ten
     them; the reference statistics then come from the uncropped images, which differ by < f pixels per side.
     """
     for images in batches:  # each batch holds one image size (collate_runs)
-        images = crop_to_multiple(images, tokenizer.downsample_factor)
-        ids = tokenizer.encode(images)  # uint8 accepted: (B, h, w)
-        yield float_to_uint8(tokenizer.decode(ids))
+        yield float_to_uint8(reconstruct(tokenizer, images)[2])
 
 
 def sample_batches(count: int, batch_size: int) -> list[range]:
@@ -307,6 +340,19 @@ def open_source(spec: str, other: str | None, options: SourceOptions, device: to
                      "(does the path exist?)")
 
 
+def data_config_source(config, split: str, options: SourceOptions, device: torch.device) -> ImageSource:
+    """The images of split "train" or "eval" of a vqgan.data.DataConfig as an ImageSource, prepared by
+    options.protocol; the config's crop settings play no part."""
+    import dataclasses
+
+    from vqgan.data import build_dataset
+
+    # NOTE: a resize skips build_dataset's check that training crops fit the images: the protocol sizes them here
+    rows = build_dataset(dataclasses.replace(config, resize=config.resize or config.image_size), split)
+    images = DataConfigImages(rows.table, rows.image_column, rows.description, options.protocol, options.max_images)
+    return dataset_source(f"{rows.description}, protocol {options.protocol}", images, options, device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------------------------- statistics
 @dataclass(frozen=True)
 class SourceFeatures:
@@ -372,7 +418,13 @@ def gather_in_order(local: torch.Tensor, indices: Sequence[int]) -> torch.Tensor
     return rows[torch.argsort(order)]
 
 
-def set_exact_float32() -> None:
-    """Full fp32 convolutions and matmuls on GPUs: TF32 (PyTorch's default for cuDNN convs) shifts features."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls inside (TF32, PyTorch's default for cuDNN convs, shifts features and
+    reconstructions on Ampere and later GPUs); the flags as they were afterwards, so training code keeps its own."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
