@@ -22,9 +22,10 @@ those parts and replaces their sections in an existing file. Exit status 0 when 
 
 Prerequisites, checked before anything runs (each missing one is named with the way to get it):
 torch with CUDA; the project's dependencies (pyproject.toml) importable, the project itself from this
-checkout (`PYTHONPATH=.`); optional: taming-transformers-rom1504 (`pip install -e '.[gpu-bench]'` does
-not work for it, as its metadata pulls pytorch-lightning: `pip install --no-deps
-taming-transformers-rom1504==0.0.6`, which setup.sh does). Without it the taming rows fail, the rest runs.
+checkout (`PYTHONPATH=.`); optional: taming-transformers-rom1504, the `gpu-bench` extra, installed with
+`pip install --no-deps taming-transformers-rom1504==0.0.6` as setup.sh does (its metadata would pull
+pytorch-lightning and omegaconf, which the modules used never import). Without it the taming rows
+fail and the rest runs.
 
 On the lent GPU machine (offline; its image has torch, accelerate, numpy, ... but not lpips, datasets,
 torch-fidelity, webdataset, braceexpand or taming), first here, once: `bash benchmarks/gpu_wheels.sh`
@@ -63,6 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
+sys.path.insert(0, str(ROOT / "benchmarks"))  # common
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_acceptance.md"
 DRY_RESULTS = ROOT / "benchmarks" / ".cache" / "gpu_acceptance_dry.md"  # git-ignored
 PARTS_SCRIPT = ROOT / "benchmarks" / "gpu_parts.py"
@@ -70,9 +72,9 @@ PARTS_SCRIPT = ROOT / "benchmarks" / "gpu_parts.py"
 LIMITS = {
     "cuda-tests": 75,
     "step-eager": 75,
-    "step-compiled": 150,
+    "step-compiled": 200,  # two inductor compilations of G and D (batch 16, then 32); rows print as they come
     "sampling": 45,
-    "tokenization": 60,
+    "tokenization": 75,
     "codebook-usage": 100,
     "resume": 90,
 }
@@ -184,7 +186,10 @@ def describe_device(dry_run: bool) -> list[str]:
     import torch
 
     if dry_run or not torch.cuda.is_available():
-        device = f"CPU ({platform.processor() or 'unknown'}, {os.cpu_count()} cores): DRY RUN, tiny sizes, not figures"
+        from common import describe_machine
+
+        cpu = describe_machine(torch.device("cpu")).split(";")[0]
+        device = f"{cpu}: DRY RUN, tiny sizes, its numbers mean nothing"
     else:
         props = torch.cuda.get_device_properties(0)
         device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
