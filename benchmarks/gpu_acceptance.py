@@ -250,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=list(LIMITS), default=None,
                         help="run only these parts and replace their sections in an existing --out file")
     parser.add_argument("--budget", type=float, default=550.0,
-                        help="seconds for all parts together (default 550: with the wheel install, inside one 10-minute device command); "
+                        help="seconds for all parts together (default 550: with the wheel install, inside one "
+                        "10-minute device command); "
                         "a part gets min(its limit, what is left), and none starts with under 15 s left")
     parser.add_argument("--commit", default="", help="the commit measured (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
