@@ -10,3 +10,6 @@ fi
 # torch first, pinned to the builds that lie on this machine's disk; the project's ranges admit them.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install --quiet -e ".[dev,onnx]"
+# benchmarks/gpu_acceptance.py compares with taming's VQGAN step (the `gpu-bench` extra): without its
+# dependencies, which only its training script needs (pytorch-lightning, omegaconf)
+.venv/bin/pip install --quiet --no-deps "taming-transformers-rom1504==0.0.6"

@@ -36,6 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -111,6 +112,38 @@ def count_syncs(step: RealStep) -> tuple[int, tuple[str, ...]]:
     return len(syncs), tuple(f"{site} x{n}" for site, n in sites.most_common())
 
 
+@dataclass(frozen=True)
+class Timing:
+    warmup_s: float  # the warm-up steps, compilation included
+    images_per_s: float
+    ms_per_step: float
+    peak_bytes: int | None  # None on CPU
+
+
+def time_step(step: Callable[[], None], batch_size: int, warmup: int, steps: int, device: torch.device) -> Timing:
+    """`warmup` untimed calls of step(), then `steps` timed ones between device drains; peak memory of those (CUDA)."""
+    cuda = device.type == "cuda"
+
+    def drain() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    drain()
+    warmup_s = time.perf_counter() - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    drain()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    return Timing(warmup_s, steps * batch_size / elapsed, 1e3 * elapsed / steps, peak)
+
+
 def run_variant(name: str, config: TrainConfig, perceptual: LPIPS | None, args: argparse.Namespace,
                 device: torch.device) -> tuple[Result, str]:
     """Build fresh modules for one variant, warm up, time, measure memory and syncs; -> (result, description)."""
@@ -129,27 +162,10 @@ def run_variant(name: str, config: TrainConfig, perceptual: LPIPS | None, args: 
                     ema_decay=config.train.ema_decay, perceptual=perceptual, compile=compiled,
                     total_steps=config.train.steps)
     cuda = device.type == "cuda"
-
-    def drain() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    drain()
-    warmup_s = time.perf_counter() - start
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    drain()
-    elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    timing = time_step(step, args.batch_size, args.warmup, args.steps, device)
     syncs, sites = count_syncs(step) if cuda else (None, ())
-    result = Result(name, compiled, channels_last, warmup_s, args.steps * args.batch_size / elapsed,
-                    1e3 * elapsed / args.steps, peak, syncs, sites)
+    result = Result(name, compiled, channels_last, timing.warmup_s, timing.images_per_s, timing.ms_per_step,
+                    timing.peak_bytes, syncs, sites)
     del step, model, disc, images
     gc.collect()
     if compiled:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,45 @@ NOTE = (
 GOAL_STEPS, GOAL_SPEEDUP = 12, 10.0
 QUICK = dict(grid=4, num_codes=64, dim=32, depth=2, heads=2, pixelcnn_hidden=16, pixelcnn_layers=2,
              batch_sizes=[1, 2], maskgit_steps=[4, 8, 12])  # 12 steps still fit a 4x4 grid: the goal line runs
+
+
+def build_models(sizes, device: torch.device) -> tuple[TransformerPrior, PixelCNNPrior, MaskGITPrior]:
+    """The three priors of the table, random weights (seed 0), eval mode; `sizes` has this script's size options."""
+    torch.manual_seed(0)
+    grid = (sizes.grid, sizes.grid)
+    tcfg = TransformerConfig(num_codes=sizes.num_codes, grid=grid, num_classes=0, dim=sizes.dim,
+                             depth=sizes.depth, heads=sizes.heads, positions="rope2d")
+    pcfg = PixelCNNConfig(num_codes=sizes.num_codes, grid=grid, hidden=sizes.pixelcnn_hidden,
+                          num_layers=sizes.pixelcnn_layers, kernel_size=5)
+    # MaskGIT: the GPT's architecture with attention unmasked, one more position (the class token) and a
+    # [MASK] embedding, so the two have the same parameter count up to one embedding row.
+    mcfg = MaskGITConfig(num_codes=sizes.num_codes, grid=grid, num_classes=0, dim=sizes.dim, depth=sizes.depth,
+                         heads=sizes.heads, positions="rope2d")
+    return (TransformerPrior(tcfg).to(device).eval(), PixelCNNPrior(pcfg).to(device).eval(),
+            MaskGITPrior(mcfg).to(device).eval())
+
+
+def sampling_runs(transformer: TransformerPrior, pixelcnn: PixelCNNPrior | None, maskgit: MaskGITPrior,
+                  maskgit_steps: list[int]) -> dict[str, Callable[[int, torch.Generator], torch.Tensor]]:
+    """name -> sample(batch, generator) for each row of the table (pixelcnn None: no pixelcnn row)."""
+    runs = {
+        "transformer, KV cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=True),
+        "transformer, no cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=False),
+    }
+    if pixelcnn is not None:
+        runs["pixelcnn"] = lambda n, g: sample_pixelcnn(pixelcnn, n, generator=g)
+    for steps in maskgit_steps:
+        runs[f"maskgit, {steps} steps"] = (lambda n, g, steps=steps: sample_maskgit(maskgit, n, generator=g, steps=steps))
+    return runs
+
+
+def time_sampling(run: Callable[[int, torch.Generator], torch.Tensor], batch: int,
+                  device: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds to sample `batch` whole grids after one warm-up grid (allocator, kernels, caches); -> (s, grids)."""
+    run(1, torch.Generator().manual_seed(1))
+    out = {}
+    seconds = timed(lambda: out.__setitem__("grids", run(batch, torch.Generator().manual_seed(0))), device)
+    return seconds, out["grids"]
 
 
 def main() -> None:
@@ -60,40 +100,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    grid = (args.grid, args.grid)
     tokens_per_grid = args.grid * args.grid
-
-    tcfg = TransformerConfig(num_codes=args.num_codes, grid=grid, num_classes=0, dim=args.dim,
-                             depth=args.depth, heads=args.heads, positions="rope2d")
-    pcfg = PixelCNNConfig(num_codes=args.num_codes, grid=grid, hidden=args.pixelcnn_hidden,
-                          num_layers=args.pixelcnn_layers, kernel_size=5)
-    # MaskGIT: the GPT's architecture with attention unmasked, one more position (the class token) and a
-    # [MASK] embedding, so the two have the same parameter count up to one embedding row.
-    mcfg = MaskGITConfig(num_codes=args.num_codes, grid=grid, num_classes=0, dim=args.dim, depth=args.depth,
-                         heads=args.heads, positions="rope2d")
-    transformer = TransformerPrior(tcfg).to(device).eval()
-    pixelcnn = PixelCNNPrior(pcfg).to(device).eval()
-    maskgit = MaskGITPrior(mcfg).to(device).eval()
+    transformer, pixelcnn, maskgit = build_models(args, device)
+    tcfg, pcfg = transformer.config, pixelcnn.config
     described = describe_machine(device)
     print(f"machine: {described}")
     print(f"transformer: {tcfg}\n  {format_count(count_parameters(transformer))} parameters")
     print(f"pixelcnn: {pcfg}\n  {format_count(count_parameters(pixelcnn))} parameters")
-    print(f"maskgit: {mcfg}\n  {format_count(count_parameters(maskgit))} parameters")
+    print(f"maskgit: {maskgit.config}\n  {format_count(count_parameters(maskgit))} parameters")
 
-    runs = {
-        "transformer, KV cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=True),
-        "transformer, no cache": lambda n, g: sample_transformer(transformer, n, generator=g, use_kv_cache=False),
-        "pixelcnn": lambda n, g: sample_pixelcnn(pixelcnn, n, generator=g),
-    }
-    for steps in args.maskgit_steps:
-        runs[f"maskgit, {steps} steps"] = (lambda n, g, steps=steps: sample_maskgit(maskgit, n, generator=g, steps=steps))
+    runs = sampling_runs(transformer, pixelcnn, maskgit, args.maskgit_steps)
     rows, seconds, samples = [], {}, {}
     for batch in args.batch_sizes:
         for name, run in runs.items():
-            run(1, torch.Generator().manual_seed(1))  # warm-up: allocator, kernels, caches
-            secs = timed(lambda: samples.__setitem__((name, batch), run(batch, torch.Generator().manual_seed(0))),
-                         device)
+            secs, samples[name, batch] = time_sampling(run, batch, device)
             seconds[name, batch] = secs
             rate = batch * tokens_per_grid / secs
             rows.append((name, batch, secs, rate))

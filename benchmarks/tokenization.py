@@ -36,6 +36,44 @@ from vqgan.prior.tokenize import tokenize_dataset  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 
 
+def jpeg_sources(images: int, width: int, height: int, workers: int) -> tuple[Path, str]:
+    """The generated JPEG folder (benchmarks/data.py's, cached) and its WebDataset shards; -> (folder, wds: source)."""
+    folder = make_jpegs(CACHE / f"jpegs-{images}-{width}x{height}", images, width, height)
+    shards_dir = CACHE / f"shards-{images}-{width}x{height}"
+    if not (shards_dir / "index.json").is_file():
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        make_shards(str(folder), shards_dir, shard_size=max(1, images // 16), label_column="label",
+                    workers=max(1, workers), cache_dir=str(CACHE / "hf"), progress=False)
+    return folder, "wds:" + json.loads((shards_dir / "index.json").read_text())["pattern"]
+
+
+def measure_tokenization(preset_name: str, cases: dict[str, DataConfig], batch_size: int,
+                         device: torch.device, precision: str = "fp32") -> list[tuple[str, int, float]]:
+    """tokenize_dataset of each case with a random-weight tokenizer of `preset_name`, the encoder in `precision`
+    (as vqgan-tokenize --precision); -> (case, images, seconds)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    work = Path(tempfile.mkdtemp(prefix="vqgan-tokenize-bench-"))
+    torch.manual_seed(0)
+    VQTokenizer.from_model(VQModel(preset(preset_name)).eval()).save_pretrained(work / "tokenizer")
+    rows = []
+    try:
+        for name, data in cases.items():
+            start = time.perf_counter()
+            meta = tokenize_dataset(accelerator, work / "tokenizer", data, work / "tokens", batch_size=batch_size,
+                                    precision=precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append((name, meta["num_rows"], seconds))
+            print(f"{name}: {meta['num_rows']} images in {seconds:.1f} s = {meta['num_rows'] / seconds:.1f} images/s",
+                  flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -56,38 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     output = args.output or Path(__file__).parent / "results" / (
         ("tokenize_quick" if args.quick else "tokenize") + ("_gpu" if device.type == "cuda" else "") + ".md")
-    folder = make_jpegs(CACHE / f"jpegs-{args.images}-{args.width}x{args.height}", args.images, args.width, args.height)
-    shards_dir = CACHE / f"shards-{args.images}-{args.width}x{args.height}"
-    if not (shards_dir / "index.json").is_file():
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        make_shards(str(folder), shards_dir, shard_size=max(1, args.images // 16), label_column="label",
-                    workers=max(1, args.workers), cache_dir=str(CACHE / "hf"), progress=False)
-    pattern = "wds:" + json.loads((shards_dir / "index.json").read_text())["pattern"]
-
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    work = Path(tempfile.mkdtemp(prefix="vqgan-tokenize-bench-"))
-    torch.manual_seed(0)
-    VQTokenizer.from_model(VQModel(preset(args.preset)).eval()).save_pretrained(work / "tokenizer")
+    folder, pattern = jpeg_sources(args.images, args.width, args.height, args.workers)
     common = dict(image_size=args.image_size, resize=args.image_size, random_crop=False, hflip=False,
                   num_workers=args.workers)
     cases = {"folder (map-style)": DataConfig(source=str(folder), cache_dir=str(CACHE / "hf"), **common),
              "shards (wds:)": DataConfig(source=pattern, **common)}
-    rows = []
-    try:
-        for name, data in cases.items():
-            start = time.perf_counter()
-            meta = tokenize_dataset(accelerator, work / "tokenizer", data, work / "tokens", batch_size=args.batch_size,
-                                    precision=args.precision)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            rows.append((name, meta["num_rows"], seconds))
-            print(f"{name}: {meta['num_rows']} images in {seconds:.1f} s = {meta['num_rows'] / seconds:.1f} images/s",
-                  flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    rows = measure_tokenization(args.preset, cases, args.batch_size, device, args.precision)
     lines = ["# Tokenization throughput\n", f"Machine: {describe_machine(device)}\n",
              f"Tokenizer preset {args.preset} (random weights), {args.image_size}px centre crops of {args.images} "
              f"{args.width}x{args.height} JPEGs, batch {args.batch_size}, {args.workers} workers, "
