@@ -1,0 +1,50 @@
+"""Helpers for the converter tests: Lightning-style checkpoints written without Lightning, float64
+comparisons, codebooks seeded from encoder outputs."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections import OrderedDict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+CALLBACK_MODULE = "pytorch_lightning.callbacks.model_checkpoint"
+
+
+@contextmanager
+def fake_lightning_callback_class() -> Iterator[type]:
+    """A class that pickles under Lightning's ModelCheckpoint name, without Lightning installed."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", CALLBACK_MODULE]
+    saved = {name: sys.modules.get(name) for name in names}
+    cls = type("ModelCheckpoint", (), {"__module__": CALLBACK_MODULE})
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[CALLBACK_MODULE].ModelCheckpoint = cls
+    try:
+        yield cls
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def save_lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path, **extra: Any) -> Path:
+    """A pytorch_lightning 1.x .ckpt as taming / latent-diffusion / SEED-Voken write them."""
+    with fake_lightning_callback_class() as callback:
+        ckpt = {"epoch": 7, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
+                "state_dict": OrderedDict((k, v.detach().clone()) for k, v in state_dict.items()),
+                "callbacks": {callback: {"best_model_score": torch.tensor(0.25), "best_model_path": "best.ckpt"}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-6, "params": [0, 1]}]}],
+                "lr_schedulers": [], **extra}
+        torch.save(ckpt, path)
+    return path
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())

@@ -1,0 +1,1 @@
+"""Import released tokenizers (taming, IBQ, LlamaGen, diffusers) as vqgan tokenizer folders, and export ours."""
