@@ -9,4 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned to the builds that lie on this machine's disk; the project's ranges admit them.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet -e ".[dev,onnx]"
+.venv/bin/pip install --quiet -e ".[dev,onnx,interop]"
+# The converter tests build taming's VQGAN from its own modules. --no-deps: the wheel pins a
+# pytorch-lightning/omegaconf stack that its encoder, decoder and quantizer files never import.
+.venv/bin/pip install --quiet --no-deps "taming-transformers-rom1504==0.0.6"

@@ -48,3 +48,18 @@ def save_lightning_checkpoint(state_dict: Mapping[str, torch.Tensor], path: Path
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+def seed_codebook(encoder_rows: torch.Tensor, num_codes: int, generator: torch.Generator) -> torch.Tensor:
+    """(N, d) encoder outputs -> (K, d) codes: the rows themselves, then jittered copies of them.
+
+    Random codes far from every encoder output make each nearest-code decision a near tie; codes among
+    the encoder outputs make the comparison of indices mean something.
+    """
+    rows = encoder_rows.detach().double()
+    picks = torch.randint(0, rows.shape[0], (num_codes,), generator=generator)
+    scale = rows.std(dim=0, keepdim=True)  # (1, d)
+    jitter = torch.randn(num_codes, rows.shape[1], generator=generator, dtype=torch.float64) * scale * 0.3
+    codes = rows[picks] + jitter
+    codes[: min(num_codes, rows.shape[0])] = rows[: min(num_codes, rows.shape[0])]
+    return codes
