@@ -63,3 +63,28 @@ def seed_codebook(encoder_rows: torch.Tensor, num_codes: int, generator: torch.G
     codes = rows[picks] + jitter
     codes[: min(num_codes, rows.shape[0])] = rows[: min(num_codes, rows.shape[0])]
     return codes
+
+
+def seeded_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights for a state-dict layout (sorted key order, one CPU generator).
+
+    The upstream fixtures store key names, shapes and outputs, not weights: the test and the fixture
+    script regenerate the weights with this function. Conv/linear weights ~ N(0, 1/fan_in), norm
+    scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.05^2); usage buffers (LlamaGen's codebook_used) are zeros.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        leaf = name.rsplit(".", 1)[-1]
+        if "codebook_used" in name:
+            out[name] = torch.zeros(shape)
+        elif leaf == "bias":
+            out[name] = noise * 0.05
+        elif len(shape) == 1:  # GroupNorm scale
+            out[name] = 1.0 + noise * 0.1
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
+            out[name] = noise / fan_in**0.5
+    return out
