@@ -146,6 +146,13 @@ def unwrap_checkpoint(obj: Any, source: str, candidates: tuple[str, ...] = ("sta
     raise ConversionError(f"{source}: no state dict under {list(candidates)}; found {found}")
 
 
+def architecture(config: VQModelConfig) -> tuple:
+    """The fields that decide the weights' names and shapes (what a config read off the weights can know)."""
+    ae = config.autoencoder
+    return (ae.in_channels, ae.out_channels, ae.base_channels, ae.channel_mult, ae.num_res_blocks, ae.z_channels,
+            ae.num_groups, ae.mid_attention, config.quantizer.num_codes, config.quantizer.dim)
+
+
 def write_converted(converted: Converted, out_dir: str | Path) -> Path:
     """Write the tokenizer folder (config.json + model.safetensors + card), atomically; loads it back to check."""
     from vqgan.folder_format import write_folder_atomically

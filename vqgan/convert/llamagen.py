@@ -18,7 +18,9 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from vqgan.autoencoder import VQModelConfig
-from vqgan.convert.common import Converted, infer_autoencoder, infer_quantizer, split_sections, unwrap_checkpoint
+from vqgan.config import from_dict
+from vqgan.convert.diffusers_vq import VQGAN_CONFIG_KEY
+from vqgan.convert.common import Converted, architecture, infer_autoencoder, infer_quantizer, split_sections, unwrap_checkpoint
 from vqgan.convert.keymap import LLAMAGEN, ConversionError, import_state
 from vqgan.convert.safe_load import read_state_dict_file
 
@@ -79,6 +81,11 @@ def convert_llamagen(src: str | Path, *, config: str | Path | None = None, resol
         infer_autoencoder(generator, LLAMAGEN, resolution=resolution or DEFAULT_RESOLUTION, source=source),
         infer_quantizer(generator, LLAMAGEN, kind="vq", l2_normalize=l2, source=source),
     )
+    if VQGAN_CONFIG_KEY in args:  # exported by vqgan-export --format llamagen: our full config travels along
+        exported = from_dict(VQModelConfig, args[VQGAN_CONFIG_KEY], VQGAN_CONFIG_KEY)
+        if architecture(exported) != architecture(model_config):
+            raise ConversionError(f"{source}: {VQGAN_CONFIG_KEY} does not describe these weights")
+        model_config = exported
     ours = import_state(model_config, generator, LLAMAGEN, source)
     return Converted(model_config, ours, {"kind": "llamagen", "path": source, "weights": weights,
                                           "keys_mapped": len(generator), "keys_dropped": len(dropped)})
