@@ -154,3 +154,31 @@ def test_export_llamagen_matches_vq16_layout_and_round_trips(tmp_path):
         if key.startswith("quantizer.") and key != "quantizer.weight":
             continue
         assert torch.equal(value, original[key]), key
+
+
+def test_export_diffusers_l2_codebook_encodes_and_decodes_the_same(tmp_path):
+    """vq-l2: diffusers gets the unit codes; its distance search on the raw z picks the same codes."""
+    base = exportable_tokenizer()
+    config = VQModelConfig(base.config.autoencoder, QuantizerConfig(num_codes=64, dim=4, l2_normalize=True))
+    tok = VQTokenizer(config)
+    tok.model.load_state_dict(base.model.state_dict(), strict=False)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    with torch.no_grad():
+        rows = tok.model.encode_latent(images[:2]).permute(0, 2, 3, 1).reshape(-1, 4)
+        tok.model.quantizer.weight.copy_(seed_codebook(rows, 64, torch.Generator().manual_seed(1)).float() * 3.0)
+    tok.save_pretrained(tmp_path / "ours")
+    export_main([str(tmp_path / "ours"), str(tmp_path / "diffusers"), "--format", "diffusers"])
+    theirs = diffusers.VQModel.from_pretrained(tmp_path / "diffusers").eval()
+    ours = VQTokenizer.from_pretrained(tmp_path / "ours").model
+    with torch.no_grad():
+        z = theirs.encode(images).latents
+        _, _, (_, _, idx_theirs) = theirs.quantize(z)
+        recon_theirs = theirs.decode(z).sample
+        recon_ours, quant = ours(images)
+    assert torch.equal(quant.indices.reshape(-1), idx_theirs.reshape(-1))
+    assert max_abs_diff(recon_ours, recon_theirs) < 1e-5  # float32: the unit codes are bitwise the same
+    convert_main([str(tmp_path / "diffusers"), str(tmp_path / "back"), "--from", "diffusers"])
+    back = VQTokenizer.from_pretrained(tmp_path / "back")
+    assert back.config == tok.config
+    assert max_abs_diff(back.codebook, VQTokenizer.from_pretrained(tmp_path / "ours").codebook) < 1e-6
+    assert torch.equal(back.encode((images + 1) / 2), VQTokenizer.from_pretrained(tmp_path / "ours").encode((images + 1) / 2))

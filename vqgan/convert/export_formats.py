@@ -5,7 +5,11 @@
 
 The weights are renamed by the same key map the importers use (vqgan/convert/keymap.py), and our full
 config travels in config.json under "_vqgan_model" (both readers ignore it), so ours -> X -> ours gives the
-same weights and config bit for bit. What the target cannot compute exactly is refused, naming it.
+same weights and config bit for bit (one exception: an l2-normalised codebook goes to diffusers as unit
+codes, since diffusers does not normalise; it comes back normalised, the same codes to rounding). What the
+target cannot compute exactly is refused, naming it: ibq, fsq, lfq, simvq quantizers, a projection inside
+the quantizer (code_dim), attention outside the mid block (diffusers), another width or depth than
+VQ_models builds (LlamaGen).
 """
 
 from __future__ import annotations
@@ -52,9 +56,6 @@ def diffusers_config(config: VQModelConfig) -> dict:
     if ae.channel_mult[0] != 1:
         raise ConversionError(f"channel_mult[0]={ae.channel_mult[0]}: diffusers' conv_in gives block_out_channels[0], "
                               f"the first level's width, so the first multiplier must be 1")
-    if q.l2_normalize:
-        raise ConversionError("quantizer.l2_normalize: diffusers' VectorQuantizer does not normalise z; export the "
-                              "LlamaGen format, or a plain vq tokenizer")
     levels = len(ae.channel_mult)
     return {
         "_class_name": "VQModel", "_diffusers_version": "0.30.0", "in_channels": ae.in_channels,
@@ -94,6 +95,11 @@ def export_tokenizer(tokenizer, out_dir: str | Path, fmt: str) -> Path:
     state = tokenizer.model.state_dict()
     if fmt == "diffusers":
         meta, weights = diffusers_config(config), export_state(state, config, DIFFUSERS)
+        if config.quantizer.l2_normalize:
+            # diffusers' VectorQuantizer normalises nothing; with unit-length codes its nearest code to the raw z
+            # is the one of largest z.e, the same as the nearest to z / |z| (ours), and it outputs the unit code
+            # as ours does. So the unit codes go in, and vq-l2 encodes and decodes exactly there too.
+            weights["quantize.embedding.weight"] = tokenizer.model.quantizer.codebook.detach().cpu().clone()
         weights_name = WEIGHT_NAMES[0]
     else:
         meta, weights = llamagen_args(config), export_state(state, config, LLAMAGEN)
