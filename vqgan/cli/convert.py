@@ -34,10 +34,17 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="ibq / taming / llamagen: convert the EMA weights (default: ibq and llamagen use them "
                              "when the checkpoint has them)")
+    parser.add_argument("--keep-discriminator", action="store_true",
+                        help="taming: also convert loss.discriminator (its PatchGAN) into discriminator.safetensors, "
+                             "which model.init_from then starts D from")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     options = {k: v for k, v in (("config", args.config), ("resolution", args.resolution), ("ema", args.ema))
                if v is not None}
+    if args.keep_discriminator:
+        if args.kind != "taming":
+            parser.error("--keep-discriminator applies to --from taming (the other sources ship no PatchGAN)")
+        options["keep_discriminator"] = True
     if args.kind == "diffusers" and ("ema" in options or "resolution" in options):
         parser.error("--ema and --resolution do not apply to diffusers folders")
 
@@ -53,7 +60,8 @@ def run(argv: list[str] | None = None) -> int:
     print(f"{info['keys_mapped']} tensors mapped one to one, {info['keys_dropped']} dropped (loss / EMA shadows / "
           f"training buffers); K={tokenizer.num_codes} ({tokenizer.config.quantizer.kind}), "
           f"code_dim={tokenizer.code_dim}, f={tokenizer.downsample_factor}, {h}x{w} -> "
-          f"{tokenizer.tokens_per_image(h, w)} tokens")
+          f"{tokenizer.tokens_per_image(h, w)} tokens"
+          + ("; discriminator kept (discriminator.safetensors)" if converted.discriminator is not None else ""))
     return 0
 
 

@@ -26,7 +26,8 @@ class Converted:
     config: VQModelConfig
     state: dict[str, Tensor]  # our full VQModel state dict
     source: dict[str, Any]  # what it came from: kind, path, weights (raw / EMA), keys mapped and dropped
-    discriminator: dict[str, Tensor] | None = field(default=None)  # their D in its own names, when kept
+    discriminator: dict[str, Tensor] | None = field(default=None)  # their D in our PatchDiscriminator's names
+    discriminator_config: Any = None  # its DiscriminatorConfig
 
 
 def _indices(keys: set[str], prefix_pattern: str) -> list[int]:
@@ -164,12 +165,16 @@ def write_converted(converted: Converted, out_dir: str | Path) -> Path:
     def write(folder: Path) -> None:
         tokenizer.write_files(folder)
         if converted.discriminator is not None:
+            import json
+
             from safetensors.torch import save_file
 
+            from vqgan.config import to_dict
+            from vqgan.folder_format import DISCRIMINATOR_NAME
+
             save_file({k: v.contiguous() for k, v in converted.discriminator.items()},
-                      str(folder / DISCRIMINATOR_NAME), metadata={"layout": converted.source["kind"]})
+                      str(folder / DISCRIMINATOR_NAME),
+                      metadata={"config": json.dumps(to_dict(converted.discriminator_config)),
+                                "source": converted.source["kind"]})
 
     return write_folder_atomically(out_dir, write)
-
-
-DISCRIMINATOR_NAME = "discriminator.safetensors"  # the source's D, kept for fine-tuning (our key names)

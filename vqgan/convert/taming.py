@@ -78,9 +78,32 @@ def check_yaml(yaml_config: Mapping[str, Any], config: VQModelConfig, source: st
                               + ", ".join(f"{k}: yaml {a}, weights {b}" for k, (a, b) in wrong.items()))
 
 
+def convert_discriminator(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], Any]:
+    """taming's NLayerDiscriminator (`loss.discriminator.main.*`) -> our PatchDiscriminator (the same `main`)."""
+    from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
+
+    prefix = "loss.discriminator."
+    theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not theirs:
+        raise ConversionError(f"{source}: no loss.discriminator.* weights to keep")
+    if any(k.endswith((".loc", ".scale")) for k in theirs):
+        raise ConversionError(f"{source}: the discriminator uses ActNorm (use_actnorm=True), which vqgan's "
+                              f"PatchDiscriminator does not have")
+    convs = sorted(int(k.split(".")[1]) for k, v in theirs.items() if k.endswith(".weight") and v.dim() == 4)
+    first = theirs["main.0.weight"]
+    config = DiscriminatorConfig(in_channels=first.shape[1], base_channels=first.shape[0], num_layers=len(convs) - 2,
+                                 norm="batch")
+    own = PatchDiscriminator(config).state_dict()
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+        raise ConversionError(f"{source}: loss.discriminator is not taming's NLayerDiscriminator with BatchNorm "
+                              f"(keys or shapes differ from a {config.num_layers}-layer PatchGAN)")
+    return {k: v.detach().clone() for k, v in theirs.items()}, config
+
+
 def convert_taming_state(state: Mapping[str, Tensor], *, yaml_config: Mapping[str, Any] | None = None,
                          resolution: int | None = None, kind: str = "vq", ema: bool = False,
-                         source: str = "checkpoint", source_kind: str = "taming") -> Converted:
+                         keep_discriminator: bool = False, source: str = "checkpoint",
+                         source_kind: str = "taming") -> Converted:
     """A taming-layout state dict (Lightning's `state_dict`) -> Converted. Shared with IBQ (kind="ibq")."""
     if "quantize.proj.weight" in state or "quantize.embed.weight" in state:
         raise ConversionError(f"{source}: the quantizer is taming's GumbelQuantize (quantize.proj, quantize.embed), "
@@ -100,13 +123,20 @@ def convert_taming_state(state: Mapping[str, Tensor], *, yaml_config: Mapping[st
     if yaml_config is not None:
         check_yaml(yaml_config, config, source)
     ours = import_state(config, generator, TAMING, source)
+    disc, disc_config = convert_discriminator(state, source) if keep_discriminator else (None, None)
     return Converted(config, ours, {"kind": source_kind, "path": source, "weights": weights,
-                                    "keys_mapped": len(generator), "keys_dropped": len(dropped)})
+                                    "keys_mapped": len(generator), "keys_dropped": len(dropped),
+                                    "discriminator": "kept" if disc is not None else "dropped"},
+                     discriminator=disc, discriminator_config=disc_config)
 
 
 def convert_taming(ckpt: str | Path, config: str | Path | None = None, *, resolution: int | None = None,
-                   ema: bool = False) -> Converted:
-    """A taming / latent-diffusion VQModel `.ckpt` (+ optional model.yaml) -> Converted."""
+                   ema: bool = False, keep_discriminator: bool = False) -> Converted:
+    """A taming / latent-diffusion VQModel `.ckpt` (+ optional model.yaml) -> Converted.
+
+    keep_discriminator: also convert `loss.discriminator` (taming's PatchGAN) for fine-tuning.
+    """
     state = unwrap_checkpoint(read_state_dict_file(ckpt), str(ckpt))
     yaml_config = read_yaml_config(config) if config is not None else None
-    return convert_taming_state(state, yaml_config=yaml_config, resolution=resolution, ema=ema, source=str(ckpt))
+    return convert_taming_state(state, yaml_config=yaml_config, resolution=resolution, ema=ema,
+                                keep_discriminator=keep_discriminator, source=str(ckpt))
