@@ -88,3 +88,31 @@ def seeded_state(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, 
             fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
             out[name] = noise / fan_in**0.5
     return out
+
+
+def llamagen_vq16_folder(folder: Path) -> Path:
+    """A tokenizer folder with the config that `vqgan-convert --from llamagen` gives LlamaGen's VQ-16.
+
+    The config is read off VQ-16's key layout (names and shapes recorded with LlamaGen's code in the
+    fixture) by the converter's own functions, on meta tensors; model.safetensors is an empty stand-in,
+    since loading a recipe reads only config.json.
+    """
+    import json as _json
+
+    from safetensors import safe_open
+
+    from vqgan.autoencoder import VQModelConfig
+    from vqgan.convert.common import infer_autoencoder, infer_quantizer
+    from vqgan.convert.keymap import LLAMAGEN
+    from vqgan.folder_format import tokenizer_config
+
+    fixture = Path(__file__).parent / "fixtures" / "upstream" / "llamagen_tiny.safetensors"
+    with safe_open(str(fixture), "pt") as handle:
+        shapes = _json.loads(handle.metadata()["vq16_shapes"])
+    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    config = VQModelConfig(infer_autoencoder(state, LLAMAGEN, resolution=256, source="VQ-16"),
+                           infer_quantizer(state, LLAMAGEN, l2_normalize=True, source="VQ-16"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(_json.dumps(tokenizer_config(config)))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
