@@ -132,3 +132,31 @@ def test_ibq_raw_weights_are_not_the_ema(tmp_path):
     assert load_source("ibq", ckpt_no_ema).source["weights"] == "raw"
     with pytest.raises(ValueError, match="lack model_ema"):
         load_source("ibq", ckpt_no_ema, ema=True)
+
+
+def test_command_line_converts_and_refuses_an_unsafe_pickle(tmp_path):
+    """`python -m vqgan.cli.convert` (= vqgan-convert) as a user runs it, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    fixture, meta = read_fixture("llamagen_tiny.safetensors")
+    state, _ = llamagen_state(fixture, meta)
+    torch.save({"model": state}, tmp_path / "vq.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "vqgan.cli.convert", str(tmp_path / "vq.pt"), str(tmp_path / "out"),
+                           "--from", "llamagen"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "155 tensors mapped one to one" in done.stdout
+    compare(VQTokenizer.from_pretrained(tmp_path / "out"), fixture)
+
+    class Shell:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": state, "args": Shell()}, tmp_path / "evil.pt")
+    done = subprocess.run([sys.executable, "-m", "vqgan.cli.convert", str(tmp_path / "evil.pt"), str(tmp_path / "o2"),
+                           "--from", "llamagen"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "error: refusing to load" in done.stderr and "system" in done.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o2").exists()
