@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned to the builds that lie on this machine's disk; the project's ranges admit them.
 .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install --quiet -e ".[dev,onnx]"
-# benchmarks/gpu_acceptance.py compares with taming's VQGAN step (the `gpu-bench` extra): without its
-# dependencies, which only its training script needs (pytorch-lightning, omegaconf)
+.venv/bin/pip install --quiet -e ".[dev,onnx,interop]"
+# taming's VQGAN modules: the converter tests build it from its own code and benchmarks/gpu_acceptance.py
+# times its step. --no-deps: the wheel pins a pytorch-lightning/omegaconf stack its model files never import.
 .venv/bin/pip install --quiet --no-deps "taming-transformers-rom1504==0.0.6"

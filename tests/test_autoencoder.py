@@ -240,8 +240,6 @@ def test_config_round_trip(name):
 
 
 def test_config_validation_messages():
-    with pytest.raises(ConfigError, match=r"quantizer.dim \(64\) must equal autoencoder.z_channels \(256\)"):
-        VQModelConfig(AutoencoderConfig(), QuantizerConfig(dim=64))
     with pytest.raises(ConfigError, match=r"attn_resolutions \[12\] match no feature-map size"):
         AutoencoderConfig(resolution=32, channel_mult=(1, 2), attn_resolutions=(12,))
     with pytest.raises(ConfigError, match=r"num_groups=32 must divide every level width \[16, 32\]"):
@@ -257,3 +255,39 @@ def test_summary_reports_counts_and_tokens():
     text = model.summary()
     assert "f=4" in text and "8x8 = 64 tokens" in text and "K=256" in text
     assert f"{count_parameters(model) / 1e3:.2f}K" in text
+
+
+def test_quantizer_dim_may_differ_from_z_channels_one_to_one():
+    """LlamaGen's layout: quant_conv maps z (32) straight to the code space (4), no projection inside."""
+    cfg = VQModelConfig(
+        AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                          z_channels=32, num_groups=8, resolution=16),
+        QuantizerConfig(num_codes=16, dim=4, l2_normalize=True),
+    )
+    model = VQModel(cfg)
+    assert model.quant_conv.weight.shape == (4, 32, 1, 1)
+    assert model.post_quant_conv.weight.shape == (32, 4, 1, 1)
+    assert model.quantizer.project_in is None and model.quantizer.project_out is None
+    assert not any("project" in key for key in model.state_dict())
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, quant = model.eval()(images)
+    assert recon.shape == images.shape and quant.indices.shape == (2, 8, 8)
+    assert from_dict(VQModelConfig, to_dict(cfg)) == cfg
+
+
+def test_old_config_without_mid_attention_key_loads_with_attention():
+    data = to_dict(autoencoder.preset("tiny"))
+    del data["autoencoder"]["mid_attention"]  # configs written before the switch existed
+    cfg = from_dict(VQModelConfig, data)
+    assert cfg.autoencoder.mid_attention
+    assert any(isinstance(block, autoencoder.AttnBlock) for block in VQModel(cfg).encoder.mid)
+
+
+def test_mid_attention_switch_removes_only_the_mid_attention():
+    base = autoencoder.preset("tiny")
+    off = dataclasses.replace(base, autoencoder=dataclasses.replace(base.autoencoder, mid_attention=False))
+    with_attn, without = VQModel(base).state_dict(), VQModel(off).state_dict()
+    # the AttnBlock between the two ResBlocks goes: the second ResBlock moves from mid.2 to mid.1
+    assert all(key.replace(".mid.1.", ".mid.2.") in with_attn for key in without if ".mid.1." in key)
+    assert sum(1 for key in with_attn if ".qkv." in key) == sum(1 for key in without if ".qkv." in key) + 4
+    assert len(VQModel(off).decoder.mid) == 2 and len(VQModel(off).encoder.mid) == 2

@@ -87,7 +87,7 @@ def test_model_range_names_and_the_deprecated_aliases_agree():
 def test_console_scripts_point_at_cli_mains():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     expected = {"vqgan-train", "vqgan-train-prior", "vqgan-tokenize", "vqgan-sample", "vqgan-export",
-                "vqgan-reconstruct", "vqgan-fid", "vqgan-evaluate", "vqgan-probe"}
+                "vqgan-reconstruct", "vqgan-fid", "vqgan-evaluate", "vqgan-probe", "vqgan-convert"}
     assert expected <= set(scripts)
     import importlib
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from convert_helpers import llamagen_vq16_folder
 from vqgan.config import ConfigError, load_config
 from vqgan.train import TrainConfig, load_train_config
 from vqgan.train_prior import PriorTrainConfig, prior_config
@@ -20,15 +21,22 @@ def test_recipes_exist():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_loads(recipe):
+def test_recipe_loads(recipe, tmp_path):
     if recipe.name.startswith("prior_"):
         config = load_config(PriorTrainConfig, recipe)
         model = prior_config(config)
         assert model.num_codes > 1
     else:
-        config = load_train_config(str(recipe), [])
+        overrides = []
+        if "init_from:" in recipe.read_text():  # a fine-tune recipe: the converted folder it names
+            overrides = [f"model.init_from={llamagen_vq16_folder(tmp_path / 'llamagen_vq16')}"]
+        config = load_train_config(str(recipe), overrides)
         assert isinstance(config, TrainConfig)
-        assert config.model.quantizer.dim == config.model.autoencoder.z_channels
+        if config.init_from:  # LlamaGen's layout: quant_conv maps z (256) to the 8-dim codes
+            assert (config.model.autoencoder.z_channels, config.model.quantizer.dim) == (256, 8)
+            assert config.model.quantizer.l2_normalize and config.model.quantizer.num_codes == 16384
+        else:
+            assert config.model.quantizer.dim == config.model.autoencoder.z_channels
 
 
 def test_llamagen_recipe_has_large_l2_lowdim_codebook():
@@ -65,6 +73,9 @@ def tokenizer_recipe(tokenizer_path: str):
     """The shipped tokenizer recipe whose run exports `tokenizer_path` (run_dir/tokenizer), or None."""
     for recipe in RECIPES:
         if recipe.name.startswith("prior_"):
+            continue
+        # run_dir read from the YAML first: a fine-tune recipe loads only beside the folder it starts from
+        if f"{yaml.safe_load(recipe.read_text()).get('run_dir')}/tokenizer" != tokenizer_path:
             continue
         config = load_train_config(str(recipe), [])
         if f"{config.run_dir}/tokenizer" == tokenizer_path:

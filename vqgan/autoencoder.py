@@ -51,6 +51,9 @@ class AutoencoderConfig:
     # discretised output, van den Oord et al. 2016, https://arxiv.org/abs/1601.06759)
     output: Literal["pixels", "categorical"] = "pixels"
     downsample: Literal["conv", "avg"] = "conv"  # conv: stride-2 3x3 with taming's asymmetric pad
+    # Self-attention between the two mid ResBlocks of encoder and decoder (taming, LlamaGen, diffusers);
+    # aMUSEd's VQ-GAN has none (diffusers' `mid_block_add_attention=False`).
+    mid_attention: bool = True
     gradient_checkpointing: bool = False  # recompute res/attn blocks in backward to save memory
 
     def __post_init__(self) -> None:
@@ -96,19 +99,15 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class VQModelConfig:
-    """Autoencoder + quantizer; quantizer.dim must equal autoencoder.z_channels."""
+    """Autoencoder + quantizer; the 1x1 quant_conv maps autoencoder.z_channels to quantizer.dim.
+
+    quantizer.dim may differ from z_channels: LlamaGen's VQ-16 maps z 256 -> 8 channels in quant_conv
+    and looks codes up there, with no projection inside the quantizer. A low-dimensional lookup space
+    behind a full-width quant_conv (a linear projection inside the quantizer) is quantizer.code_dim.
+    """
 
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    # NOTE: validated, not auto-derived, so that a config and its to_dict/from_dict round trip are
-    # the same object; a low-dimensional lookup space (LlamaGen's 8-dim codes) is quantizer.code_dim.
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-
-    def __post_init__(self) -> None:
-        if self.quantizer.dim != self.autoencoder.z_channels:
-            raise ConfigError(
-                f"quantizer.dim ({self.quantizer.dim}) must equal autoencoder.z_channels "
-                f"({self.autoencoder.z_channels}); use quantizer.code_dim for a smaller code space"
-            )
 
     @property
     def downsample_factor(self) -> int:
@@ -194,9 +193,10 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, use_checkpoint: bool) -> Tensor
 
 
 def mid_block(channels: int, config: AutoencoderConfig) -> nn.Sequential:
+    attention = [AttnBlock(channels, config.num_groups)] if config.mid_attention else []
     return nn.Sequential(
         ResBlock(channels, channels, config.dropout, config.num_groups),
-        AttnBlock(channels, config.num_groups),
+        *attention,
         ResBlock(channels, channels, config.dropout, config.num_groups),
     )
 

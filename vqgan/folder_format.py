@@ -24,6 +24,8 @@ FORMAT_VERSION = 1  # bump when config.json or the weight names change meaning; 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+# optional: a discriminator to fine-tune with (vqgan-convert --keep-discriminator; read by model.init_from)
+DISCRIMINATOR_NAME = "discriminator.safetensors"
 GRID_NAME = "reconstructions.png"  # optional: a reconstruction grid the model card shows
 HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 ONNX_FILES = ("encoder.onnx", "decoder.onnx")  # optional, written by vqgan.onnx_export

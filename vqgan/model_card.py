@@ -51,7 +51,11 @@ def model_card(config: Mapping[str, Any], onnx_image_size: tuple[int, int] | Non
                       "`decoder.onnx` maps `ids` back to `images`."]
     summary = config.get("train_summary")
     lines += ["", "## Training", ""]
-    if summary:
+    if summary and summary.get("converted_from"):
+        origin = summary["converted_from"]
+        lines.append(f"Converted from a {origin.get('kind')} checkpoint ({origin.get('path')}, "
+                     f"{origin.get('weights', 'raw')} weights) by `vqgan-convert`; not trained by vqgan.")
+    elif summary:
         for key in ("step", "images_seen", "data", "weights"):
             if key in summary:
                 lines.append(f"- {key.replace('_', ' ')}: {summary[key]}")

@@ -36,6 +36,7 @@ from vqgan.training.batches import record_stream_position, resumable_batches, re
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
 from vqgan.training.gan_step import discriminator_step, generator_step
+from vqgan.training.init_from import check_architecture, load_initial_weights, merge_model_section
 from vqgan.training.rng import seed_window
 from vqgan.training.run import (
     build_accelerator,
@@ -98,6 +99,9 @@ class TrainConfig:
     disc_optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     notes: tuple[str, ...] = ()  # what the run changed on its own (e.g. LPIPS off for want of weights)
+    # `model.init_from: PATH_OR_REPO` in a recipe: the tokenizer folder (or Hub id) whose config is the base of
+    # `model` and whose weights start the generator (vqgan/training/init_from.py)
+    init_from: str = ""
 
     def __post_init__(self):
         if self.train.compile and self.loss.r1_weight > 0:
@@ -114,9 +118,11 @@ class TrainConfig:
 
 
 def load_train_config(recipe: str | None, overrides: list[str]) -> TrainConfig:
-    """Recipe YAML + overrides -> TrainConfig. `model.preset: NAME` starts the model from a preset."""
+    """Recipe YAML + overrides -> TrainConfig. `model.preset: NAME` starts the model from a preset,
+    `model.init_from: PATH_OR_REPO` from a tokenizer folder's config and weights."""
     data = apply_overrides(read_recipe(recipe), overrides)
     model = data.get("model", {})
+    init_from = model.pop("init_from", "") if isinstance(model, dict) else ""
     if isinstance(model, dict) and "preset" in model:
         rest = {k: v for k, v in model.items() if k != "preset"}
         base = to_dict(preset(plain_value(model["preset"])))
@@ -126,7 +132,13 @@ def load_train_config(recipe: str | None, overrides: list[str]) -> TrainConfig:
             else:
                 base[section] = values
         data["model"] = base
-    return from_dict(TrainConfig, data)
+    if init_from:
+        data["model"] = merge_model_section(data.get("model", {}), init_from)
+        data["init_from"] = init_from
+    config = from_dict(TrainConfig, data)
+    if config.init_from:
+        check_architecture(config.model, config.init_from)
+    return config
 
 
 def build_perceptual(config: TrainConfig, accelerator: Accelerator) -> tuple[LPIPS | None, TrainConfig]:
@@ -164,6 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = VQModel(config.model)
     model.check_finite = False  # a NaN input shows up as a non-finite loss, which the window policy handles
     discriminator = PatchDiscriminator(config.discriminator)
+    if config.init_from:  # before prepare: the EMA copy and every rank start from these weights
+        accelerator.print(load_initial_weights(model, discriminator, config.model, config.discriminator,
+                                               config.init_from))
     lecam = LeCAM(config.loss.lecam_decay) if config.loss.lecam_weight > 0 else None
     if loop.channels_last:
         model, discriminator = model.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)

@@ -4,6 +4,8 @@
     vqgan-export CKPT OUT --no-ema               # raw weights instead of the EMA
     vqgan-export CKPT OUT --format onnx --onnx-size 256 256   # + encoder/decoder.onnx
     vqgan-export CKPT OUT --push-to-hub me/my-tokenizer --evaluation eval/metrics.json --grid eval/reconstructions.png
+    vqgan-export CKPT_OR_TOKENIZER OUT --format diffusers    # a folder diffusers.VQModel.from_pretrained loads
+    vqgan-export CKPT_OR_TOKENIZER OUT --format llamagen     # LlamaGen weights (safetensors) + its ModelArgs JSON
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from vqgan.tokenizer import VQTokenizer
 
 def run(argv: list[str] | None = None) -> int:
     parser = CommandParser(prog="vqgan-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint_dir", type=Path, help="a runs/NAME/checkpoints/checkpoint-NNNNNNN folder")
+    parser.add_argument("checkpoint_dir", type=Path, help="a runs/NAME/checkpoints/checkpoint-NNNNNNN folder "
+                        "(or, with --format diffusers / llamagen, a tokenizer folder too)")
     parser.add_argument("out_dir", type=Path, help="tokenizer folder to write (replaced atomically if it exists)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="export generator_ema.safetensors (default) or, with --no-ema, generator.safetensors")
-    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
-                        help="onnx: also write encoder.onnx (images -> ids) and decoder.onnx (ids -> images)")
+    parser.add_argument("--format", choices=("safetensors", "onnx", "diffusers", "llamagen"), default="safetensors",
+                        help="onnx: also write encoder.onnx (images -> ids) and decoder.onnx (ids -> images); "
+                             "diffusers / llamagen: the other project's folder instead of ours")
     parser.add_argument("--onnx-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="fixed image size of the ONNX graphs (default: the training resolution)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the tokenizer to this Hub repo")
@@ -43,6 +47,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.grid is not None and not args.grid.is_file():
         raise FileNotFoundError(f"--grid {args.grid} does not exist")
 
+    if args.format in ("diffusers", "llamagen"):
+        if args.push_to_hub:
+            parser.error("--push-to-hub uploads vqgan tokenizer folders, not --format diffusers / llamagen")
+        return export_foreign(args.checkpoint_dir, args.out_dir, args.format, args.ema)
     out = export_checkpoint(args.checkpoint_dir, args.out_dir, use_ema=args.ema, onnx=args.format == "onnx",
                             onnx_image_size=tuple(args.onnx_size) if args.onnx_size else None)
     tokenizer = VQTokenizer.from_pretrained(out)  # proves the folder loads on its own
@@ -55,6 +63,22 @@ def run(argv: list[str] | None = None) -> int:
         commit = tokenizer.push_to_hub(args.push_to_hub, evaluation=evaluation, reconstruction_grid=args.grid,
                                        revision=args.revision, private=args.private or None)
         print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
+def export_foreign(source: Path, out_dir: Path, fmt: str, use_ema: bool) -> int:
+    """A training checkpoint or a tokenizer folder -> a diffusers / LlamaGen folder."""
+    from vqgan.convert.export_formats import export_tokenizer
+    from vqgan.export import load_checkpoint
+    from vqgan.folder_format import is_tokenizer_folder
+
+    if source.is_dir() and is_tokenizer_folder(source):
+        tokenizer = VQTokenizer.from_pretrained(source)
+    else:
+        model, summary = load_checkpoint(source, use_ema)
+        tokenizer = VQTokenizer.from_model(model, summary)
+    out = export_tokenizer(tokenizer, out_dir, fmt)
+    print(f"exported {source} as a {fmt} folder -> {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 
 

@@ -81,7 +81,10 @@ class VectorQuantizer(Quantizer):
         return codes
 
     def codes_for(self, indices: Tensor) -> Tensor:
-        return F.embedding(indices, self.codebook.float())
+        codes = self.codebook
+        # fp32 at least (bf16 / fp16 weights); a float64 model keeps float64, as its forward does, so that
+        # decoding indices matches the forward exactly (the converter tests compare in float64)
+        return F.embedding(indices, codes.to(torch.promote_types(codes.dtype, torch.float32)))
 
     def prepare_rows(self, h: Tensor) -> Tensor:
         return F.normalize(h, dim=1) if self.config.l2_normalize else h
