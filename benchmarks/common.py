@@ -42,19 +42,6 @@ def describe_machine(device: torch.device) -> str:
     return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}; {source_commit()}"
 
 
-def measured_commit() -> str:
-    """The checkout's commit, e.g. "9647870" (", with uncommitted changes" when the tree differs from it)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (", with uncommitted changes" if dirty else "")
-
-
 def timed(fn: Callable[[], None], device: torch.device) -> float:
     """Seconds of one call of fn(), with the device drained before and after."""
     if device.type == "cuda":

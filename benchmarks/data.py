@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from benchmarks.common import describe_machine, measured_commit  # noqa: E402
+from benchmarks.common import describe_machine, source_commit  # noqa: E402
 from vqgan.data import DataConfig, build_dataloader, embedded_dataset, shards  # noqa: E402
 from vqgan.data.make_shards import DEFAULT_SHUFFLE_SEED, make_shards, row_order  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
@@ -157,7 +157,7 @@ def class_mixing(args: argparse.Namespace) -> str:
              f"(`ShardStream.slot_records`: layout, interleaving, {DataConfig.shuffle_buffer}-sample shuffle buffer) "
              f"on {args.processes} processes x {args.workers} workers, batch {args.batch_size}, every batch of epoch 0. "
              f"Uniform: the expected distinct classes of {args.batch_size} rows drawn at random (a map-style "
-             f"sampler). Commit {measured_commit()}. Command: `python benchmarks/data.py --class-mixing`\n",
+             f"sampler). {source_commit().capitalize()}. Command: `python benchmarks/data.py --class-mixing`\n",
              "| shards and loader | distinct classes per batch (mean) | 5th percentile | vs uniform |",
              "|---|---:|---:|---:|"]
     for name, shuffle_seed, interleave in cases:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine(torch.device("cpu"))
     lines = [
         f"# Data loader throughput (loader alone, no model)\n",
-        f"Machine: {machine}. Commit {measured_commit()}.\n",
+        f"Machine: {machine}.\n",
         f"{args.images} JPEGs of {args.width}x{args.height} (quality 90), resize {args.resize}, {args.image_size}px "
         f"random crops, batch {args.batch_size}, {args.workers} workers, {args.epochs} epochs. Command: "
         f"`python benchmarks/data.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
