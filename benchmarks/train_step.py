@@ -19,10 +19,10 @@ Two steps per config:
   weights are not available offline. Plain torch autocast and backward, no DDP wrapper (in one
   process Accelerate's backward and autocast are these same calls).
 
-With `--taming-ref DIR`, DIR must hold `taming_ref.py` with a `taming_f4_32px()` factory returning
-taming's VQModel (Encoder, Decoder, VectorQuantizer2) whose forward returns (decoded, qloss); its
-`gen` step then runs on the same machine, interleaved with ours. That copy is NOT part of this
-repository (taming's code stays out of it).
+With `--taming`, taming-transformers' own generator (Encoder, Decoder, VectorQuantizer2 from the
+`taming-transformers-rom1504` wheel that setup.sh installs, glued as its VQModel by
+benchmarks/taming_step.py) at the taming_f4 layout runs the same `gen` step on the same machine,
+interleaved with ours.
 
 Timing: after `--warmup` steps, `--rounds` rounds in which the steps of all cases alternate, `--iters`
 timed steps each (a burst of load on the shared machine slows every case alike); the median of each
@@ -32,8 +32,8 @@ CPU the same quantity as peak resident set size (VmHWM reset through /proc/self/
 child process run with MALLOC_MMAP_THRESHOLD_=65536, so that every large buffer is its own mmap and
 resident memory follows live memory.
 
-    .venv/bin/python benchmarks/train_step.py --threads 2 --dtype fp32 bf16 --taming-ref /tmp/taming_ref
-    .venv/bin/python benchmarks/train_step.py --threads 1 --dtype fp32 bf16 --taming-ref /tmp/taming_ref --append
+    .venv/bin/python benchmarks/train_step.py --threads 2 --dtype fp32 bf16 --taming
+    .venv/bin/python benchmarks/train_step.py --threads 1 --dtype fp32 bf16 --taming --append
     .venv/bin/python benchmarks/train_step.py --device cuda --dtype fp32 bf16 --channels-last [--compile] --append
 
 Each run writes one section (a fresh file, or added to it with --append); `--profile` adds a
@@ -233,12 +233,11 @@ def build_step(case: Case, args: argparse.Namespace) -> tuple[Callable[[], None]
     if case.impl == "taming":
         if case.step != "gen":
             raise ValueError("only the generator step is benchmarked for the taming reference")
-        if args.taming_ref is None:
-            raise ValueError("the taming case needs --taming-ref DIR")
-        sys.path.insert(0, str(args.taming_ref))
-        import taming_ref  # noqa: PLC0415 (optional, outside the repository)
+        from taming_step import TamingSize, TamingVQModel  # noqa: PLC0415 (the optional wheel)
 
-        taming = prepare_module(taming_ref.taming_f4_32px(), args)
+        size = TamingSize(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=64,
+                          resolution=32, n_embed=1024, embed_dim=64)  # the taming_f4 preset's layout
+        taming = prepare_module(TamingVQModel(size), args)
         opt = build_optimizer(taming, setup.optim)  # Adam, taming's betas (0.5, 0.9)
         if args.compile:
             compile_in_place(taming)
@@ -287,7 +286,7 @@ def measure_memory(case: Case, args: argparse.Namespace) -> int:
                "--threads", str(torch.get_num_threads())]
     command += ["--channels-last"] if args.channels_last else []
     command += ["--compile"] if args.compile else []
-    command += ["--taming-ref", str(args.taming_ref)] if args.taming_ref else []
+    command += ["--taming"] if args.taming else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return int(result.stdout.strip().splitlines()[-1])
@@ -332,7 +331,7 @@ def run(args: argparse.Namespace) -> str:
         for config in args.configs:
             for step in args.steps:
                 cases.append(Case(config, step, "vqgan", dtype))
-                if args.taming_ref is not None and config == "taming_f4" and step == "gen":
+                if args.taming and config == "taming_f4" and step == "gen":
                     cases.append(Case(config, step, "taming", dtype))
     load_before = load_text()
     print(f"load average before: {load_before}", flush=True)
@@ -424,12 +423,12 @@ def run(args: argparse.Namespace) -> str:
         ratio = images_per_s(ours) / TAMING_QUOTED_IMAGES_PER_S
         lines.append(f"- vqgan {dtype} vs the quoted 33 images/s: {ratio:.2f}x "
                      f"({'met' if ratio >= GOAL_RATIO else 'NOT met'}; another machine, so only indicative).")
-    if args.taming_ref is not None:
-        lines.append("The taming reference is a minimal copy of taming-transformers' Encoder, Decoder and "
-                     "VectorQuantizer2 (legacy beta) with its VQModel glue, kept outside this repository and "
-                     "passed with --taming-ref; it gets the same precision, layout and compile flags as ours.")
+    if args.taming:
+        lines.append("The taming reference is taming-transformers' own Encoder, Decoder and VectorQuantizer2 "
+                     "(taming-transformers-rom1504 0.0.6) with its VQModel forward (benchmarks/taming_step.py); "
+                     "it gets the same precision, layout and compile flags as ours.")
     else:
-        lines.append("No same-machine taming run (pass --taming-ref DIR): only the quoted figure is compared.")
+        lines.append("No same-machine taming run (pass --taming): only the quoted figure is compared.")
     if args.profile:
         for case in cases:
             lines += ["", f"### Profile: {case.key}", "", "```", profile(case, args), "```"]
@@ -450,8 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
-    parser.add_argument("--taming-ref", type=Path, default=None,
-                        help="folder with taming_ref.py (taming's generator, kept outside the repo)")
+    parser.add_argument("--taming", action="store_true",
+                        help="also time taming-transformers' generator step (its wheel; setup.sh installs it)")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="accepted for older command lines: VQModel.check_finite is now always False, as in "
                         "vqgan/train.py")
@@ -468,8 +467,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch.cuda.is_available() is False")
-    if args.taming_ref is not None and not (args.taming_ref / "taming_ref.py").is_file():
-        raise SystemExit(f"--taming-ref {args.taming_ref}: expected a folder holding taming_ref.py")
+    if args.taming:
+        from taming_step import TamingMissing, import_taming  # noqa: PLC0415
+
+        try:
+            import_taming()
+        except TamingMissing as err:
+            raise SystemExit(str(err)) from err
     if args.measure_child:  # child process of measure_memory
         print(measure_memory(Case.from_key(args.measure_child), args))
         return

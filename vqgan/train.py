@@ -122,7 +122,7 @@ def load_train_config(recipe: str | None, overrides: list[str]) -> TrainConfig:
     `model.init_from: PATH_OR_REPO` from a tokenizer folder's config and weights."""
     data = apply_overrides(read_recipe(recipe), overrides)
     model = data.get("model", {})
-    init_from = model.pop("init_from", "") if isinstance(model, dict) else ""
+    init_from = plain_value(model.pop("init_from", "")) if isinstance(model, dict) else ""
     if isinstance(model, dict) and "preset" in model:
         rest = {k: v for k, v in model.items() if k != "preset"}
         base = to_dict(preset(plain_value(model["preset"])))
