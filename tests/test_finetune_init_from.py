@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from convert_helpers import save_lightning_checkpoint
-from test_train import fresh_accelerate_state, run, write_recipe  # noqa: F401 (fixture)
+from test_train import assert_same_checkpoint, fresh_accelerate_state, run, write_recipe  # noqa: F401 (fixture)
 from vqgan.cli.convert import main as convert_main
 from vqgan.config import ConfigError
 from vqgan.train import load_train_config
@@ -83,12 +83,7 @@ def test_converted_model_fine_tunes_and_resumes_bit_identically(tmp_path, conver
     final = tmp_path / "resumed" / "checkpoints" / "checkpoint-0000004"
     shutil.rmtree(final)  # killed after step 2
     run(resumed)
-    for name in ("generator.safetensors", "generator_ema.safetensors", "model_1.safetensors"):
-        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004" / name)
-        b = load_file(final / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004", final)
 
 
 def test_mismatches_are_refused_by_name(tmp_path, converted):

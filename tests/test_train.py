@@ -61,6 +61,15 @@ def fresh_accelerate_state():
     torch.use_deterministic_algorithms(False)  # train.deterministic sets it process-wide
 
 
+def assert_same_checkpoint(expected: Path, found: Path) -> None:
+    """The generator, its EMA and the discriminator of two checkpoints hold equal tensors, key for key."""
+    for name in ("generator.safetensors", "generator_ema.safetensors", "model_1.safetensors"):
+        a, b = load_file(expected / name), load_file(found / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
 def run(recipe_path: Path, *overrides: str) -> dict:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -110,12 +119,7 @@ def test_exact_resume_is_bit_identical(tmp_path):
     # the run is killed after step 2: its last checkpoint disappears, and training resumes
     shutil.rmtree(final)
     run(resumed)
-    for name in ("generator.safetensors", "generator_ema.safetensors", "model_1.safetensors"):
-        a = load_file(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004" / name)
-        b = load_file(final / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    assert_same_checkpoint(tmp_path / "straight" / "checkpoints" / "checkpoint-0000004", final)
 
 
 def test_bf16_mixed_precision_trains_with_finite_losses(tmp_path):
