@@ -452,8 +452,8 @@ def test_shards_stream_from_pipe_commands_and_a_failing_one_is_named(tmp_path):
 
 @pytest.mark.parametrize("files", [2, 3])  # 2 files for 2 processes: datasets would split them by file
 def test_streamed_hold_out_and_cap_are_rows_of_the_whole_stream_on_every_process(tmp_path, no_shutdown_sleep, files):
+    from vqgan.data import source_of
     from vqgan.data.streaming import HubStream, RowItem, open_stream, stream_rows
-    from vqgan.prior.tokenize import _StreamedRows
 
     root = parquet_dataset(tmp_path / "ds", files=files, rows_per_file=4)
     config = streamed_config(tmp_path, root, num_eval_images=3, max_images=4)
@@ -471,22 +471,22 @@ def test_streamed_hold_out_and_cap_are_rows_of_the_whole_stream_on_every_process
     trained = [sum(labels_of(itertools.islice(iter(hub(rank)), 1)), []) for rank in range(2)]
     assert sorted(trained[0] + trained[1]) == [3, 4, 5, 6]  # rows 3..6: none held out, none dropped
     for split, expected in (("eval", [0, 1, 2]), ("train", [3, 4, 5, 6])):  # tokenization picks the same rows
-        keyed = [(key, item["label"]) for rank in range(2) for key, item in _StreamedRows(config, split, 0, rank, 2)]
+        keyed = [(key, item["label"]) for rank in range(2) for key, item in source_of(config).rows(split, 0, rank, 2)]
         assert sorted(label for _, label in keyed) == expected
         assert sorted(key for key, _ in keyed) == list(range(len(expected)))  # the row in the whole selection
 
 
 def test_tokenizing_the_eval_split_takes_the_eval_rows_training_uses(tmp_path):
-    from vqgan.prior.tokenize import _ShardRows, _StreamedRows
+    from vqgan.data import source_of
 
     source = synthetic_shards(tmp_path / "shards", [3, 3])
     eval_pattern = synthetic_shards(tmp_path / "eval", [2, 2])
     config = stream_config(source, eval_split=eval_pattern, num_eval_images=3)
-    rows = _ShardRows(config, "eval", 0, 0, 1)
+    rows = source_of(config).rows("eval", 0, 0, 1)
     assert len(rows) == len(build_dataset(config, "eval")) == 3
     root = parquet_dataset(tmp_path / "ds", files=1, rows_per_file=5)
     streamed = streamed_config(tmp_path, root, eval_split="train", num_eval_images=2)
-    assert [item["label"] for _, item in _StreamedRows(streamed, "eval", 0, 0, 1)] == [0, 1]
+    assert [item["label"] for _, item in source_of(streamed).rows("eval", 0, 0, 1)] == [0, 1]
     held_out = build_dataset(streamed, "eval")
     assert [held_out[i]["label"] for i in range(len(held_out))] == [0, 1]
 

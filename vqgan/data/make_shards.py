@@ -36,7 +36,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vqgan.data.config import DataConfig
+from vqgan.data.decode import decode_image  # the same decode and RGB rules as training
 from vqgan.data.shards import INDEX_FILE, sample_key
+from vqgan.data.sources import source_of
 from vqgan.errors import DataError
 from vqgan.utils import atomic_write_text
 
@@ -65,8 +68,6 @@ class ShardOptions:
 
 def encode_image(data: bytes, options: ShardOptions) -> tuple[bytes, str]:
     """Source image bytes -> (bytes to store, extension); decodes fully, so a corrupt file raises here."""
-    from vqgan.data import decode_image  # the same decode and RGB rules as training
-
     with Image.open(io.BytesIO(data)) as probe:
         source_format = probe.format
     image = decode_image({"bytes": data})
@@ -91,8 +92,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def verify_shard(path: Path, expected: int) -> None:
     """Read a written shard back: `expected` samples, each with one image that decodes; raises otherwise."""
-    from vqgan.data import decode_image
-
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
@@ -171,18 +170,9 @@ def _write_shard(table: Any, rows: list[int], final: Path, tmp: Path, options: S
 
 def load_rows(source: str, split: str, image_column: str, label_column: str | None, cache_dir: str | None):
     """The source's split as a table whose image column holds undecoded {"bytes", "path"} cells."""
-    import datasets
-
-    from vqgan.data import DataConfig, _load_source, embedded_dataset
-
     config = DataConfig(source=source, split=split, image_column=image_column, label_column=label_column,
                         cache_dir=cache_dir)
-    table = embedded_dataset(split) if source == "embedded" else _load_source(config, split)[0]
-    columns = [image_column] + ([label_column] if label_column else [])
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(f"{source} [{split}] has no column {missing[0]!r}; its columns are {table.column_names}")
-    return table.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
+    return source_of(config).source_table(split)
 
 
 def make_shards(source: str, out: str | Path, *, split: str = "train", shard_size: int = 1000,

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vqgan.data.ranks import rank_share
 from vqgan.errors import DataError
 
 PREFIX = "wds:"
@@ -307,9 +308,13 @@ class EpochLayout:
     batch_size: int
     workers: int
 
+    def rank_samples(self, rank: int) -> range:
+        """Process `rank`'s samples of the epoch sequence: the same number on every process (they step together)."""
+        return rank_share(self.total, rank, self.world, equal=True)
+
     @property
     def per_rank(self) -> int:
-        return self.total // self.world
+        return len(self.rank_samples(0))
 
     @property
     def batches(self) -> int:  # per process per epoch
@@ -327,7 +332,7 @@ class EpochLayout:
     def slot_range(self, rank: int, slot: int) -> tuple[int, int]:
         """(start, count) in the epoch sequence of the samples slot `slot` of process `rank` reads."""
         before = sum(self.slot_batches(s) for s in range(slot)) * self.batch_size
-        return rank * self.per_rank + before, self.slot_batches(slot) * self.batch_size
+        return self.rank_samples(rank).start + before, self.slot_batches(slot) * self.batch_size
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -405,7 +410,7 @@ class ShardStream(IterableDataset):
         yield from self.slot_batches(self.epoch, slot, done_in_slot)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -445,7 +450,7 @@ class StreamLoader:
         # NOTE: persistent workers would keep the epoch and start they were forked with; these are new each pass.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
         for batch in loader:
-            yield _to_device(batch, self.device)
+            yield to_device(batch, self.device)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, self.epoch = self.epoch, self.epoch + 1

@@ -34,21 +34,16 @@ from dataclasses import dataclass
 from typing import Any, Generator, Iterator
 
 import datasets
-import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
+from torch.utils.data import IterableDataset
 
-from vqgan.data import (
-    BadItem,
-    DataConfig,
-    _bad,
-    _source_args,
-    crop_pixels,
-    decode_image,
-    process_state,
-    resized_pixels,
-)
-from vqgan.data.shards import _to_device, seed_of
+from vqgan.data.config import DataConfig
+from vqgan.data.items import CollateImages, CollateKeyed, RowItem
+from vqgan.data.mapstyle import ImageDataset, image_dataset, in_memory_columns
+from vqgan.data.ranks import process_state
+from vqgan.data.shards import seed_of, to_device
+from vqgan.data.tables import load_dataset_args
 from vqgan.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +96,7 @@ def process_rows(stream: datasets.IterableDataset, rows: StreamRows, *, rank: in
 
 def open_stream(config: DataConfig, split: str) -> tuple[datasets.IterableDataset, str]:
     """One split of `config.source` as an IterableDataset of {"image": {"bytes", "path"}, "label"?} rows."""
-    args, kwargs = _source_args(config)
+    args, kwargs = load_dataset_args(config)
     try:
         stream = datasets.load_dataset(*args, split=split, streaming=True, cache_dir=config.cache_dir, **kwargs)
     except Exception as err:
@@ -130,34 +125,6 @@ def eval_rows(config: DataConfig) -> tuple[datasets.Dataset, str]:
         columns["label"] = [int(row[config.label_column]) for row in rows]
         features["label"] = datasets.Value("int64")
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), description
-
-
-@dataclass(frozen=True)
-class RowItem:
-    """A streamed row -> {"image", "label"?, "key"} or a BadItem naming it."""
-
-    image_size: int
-    resize: int | None
-    random_crop: bool
-    hflip: bool
-    image_column: str
-    label_column: str | None
-    jpeg_draft: bool = True
-
-    def __call__(self, row: dict[str, Any], name: str, seed: int) -> dict[str, Any] | BadItem:
-        cell = row[self.image_column]
-        if cell.get("bytes") is None and cell.get("path"):
-            name = cell["path"]
-        try:
-            pixels = resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size,
-                                    self.resize)
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
-            return _bad(name, f"{type(err).__name__}: {err}")
-        item = {"image": crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed)),
-                "key": name}
-        if self.label_column is not None:
-            item["label"] = int(row[self.label_column])
-        return item
 
 
 class HubStream:
@@ -216,7 +183,7 @@ class HubStream:
                 log("%s: process %d left out the last %d rows of epoch %d (fewer than batch_size=%d; "
                     "%d left out so far)", self.description, self.rank, rows, epoch, self.batch_size, left_out)
             self.position, self.left_out = position, left_out
-            yield _to_device(batch, self.device)
+            yield to_device(batch, self.device)
 
 
 def prefetched(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
@@ -261,14 +228,70 @@ def prefetched(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
         thread.join(timeout=10)  # NOTE: the thread ends at its next put; a batch being made is finished first
 
 
-def build_hub_stream(config: DataConfig, batch_size: int, shuffle: bool, seed: int, collate) -> HubStream:
-    state = process_state()
-    rows = stream_rows(config, "train")
-    stream, description = open_stream(config, rows.split)
-    make_item = RowItem(config.image_size, config.resize, config.random_crop, config.hflip, config.image_column,
-                        config.label_column, config.jpeg_draft)
-    return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
-                     batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
-                     rows=rows, make_item=make_item, collate=collate,
-                     threads=config.num_workers, device=state.device)
+class StreamedRows(IterableDataset):
+    """A streamed source's rows for one process (`process_rows`), keyed by their row in the whole stream.
 
+    Decoded in a thread pool here, not in DataLoader workers: datasets would hand each worker files of its
+    own, and a skip or take would then apply per worker (see the module notes).
+    """
+
+    def __init__(self, config: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
+        rows = stream_rows(config, split)  # the very rows training holds out (eval) or trains on
+        stream, self.description = open_stream(config, rows.split)
+        self.stream = process_rows(stream, rows, rank=rank, world=world)
+        # Split by example (a hold-out or a cap), process r holds rows r, r + W, ...: the key is the row in the
+        # whole stream. Split by files (datasets' choice when their count divides W) it is only unique, and
+        # the token order then depends on the number of processes.
+        self.by_example = world > 1 and (rows.skip > 0 or rows.limit is not None)
+        self.rank, self.world, self.seed, self.threads = rank, world, seed, max(1, config.num_workers)
+        self.make_item = row_item(config, split)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        rows = iter(self.stream)
+        with ThreadPoolExecutor(self.threads) as pool:
+            i = 0
+            while chunk := list(itertools.islice(rows, 8 * self.threads)):
+                keys = [(i + j) * self.world + self.rank for j in range(len(chunk))]
+                global_rows = self.by_example or self.world == 1
+                names = [f"{self.description} row {k}" if global_rows else f"{self.description} rank {self.rank} row {i + j}"
+                         for j, k in enumerate(keys)]
+                yield from zip(keys, pool.map(self.make_item, chunk, names, [seed_of(self.seed, k) for k in keys]))
+                i += len(chunk)
+
+
+def row_item(config: DataConfig, split: str) -> RowItem:
+    train = split == "train"
+    return RowItem(config.image_size, config.resize, config.random_crop and train, config.hflip and train,
+                   config.image_column, config.label_column, config.jpeg_draft)
+
+
+class StreamSource:
+    """A hub dataset (or local parquet / image folder) read as a stream (`data.streaming: true`): see
+    `sources.Source`. Its rows decode in threads of their own, so tokenization runs no DataLoader workers."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config = config
+        self.rows_workers = 0
+
+    def dataset(self, split: str, seed: int = 0) -> ImageDataset:
+        if split == "train":
+            raise ValueError(f"{self.config.source} is streamed: build its training data with build_dataloader")
+        table, description = eval_rows(self.config)
+        return image_dataset(table, description, in_memory_columns(self.config), split, seed)
+
+    def train_loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True) -> HubStream:
+        """This process's endless training stream (rank and world from Accelerate's state); its batches are all whole."""
+        config, state = self.config, process_state()
+        rows = stream_rows(config, "train")
+        stream, description = open_stream(config, rows.split)
+        collate = CollateKeyed(CollateImages(config.image_size, config.label_column is not None))
+        return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
+                         batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
+                         rows=rows, make_item=row_item(config, "train"), collate=collate,
+                         threads=config.num_workers, device=state.device)
+
+    def rows(self, split: str, seed: int, rank: int, world: int) -> StreamedRows:
+        return StreamedRows(self.config, split, seed, rank, world)
+
+    def source_table(self, split: str) -> datasets.Dataset:
+        raise DataError(f"{self.config.source} is streamed: vqgan-make-shards reads the source without streaming")

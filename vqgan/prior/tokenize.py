@@ -1,10 +1,11 @@
 """Encode an image dataset into a token dataset with a trained tokenizer, on one or many processes.
 
-Each process encodes its share of the source (map-style rows `rank::world`; a stream's range of shards
-or rows; no padding, so no row is encoded twice at an uneven tail) and writes its own token shards; the
+Each process encodes its share of the source (`Source.rows`: a block of a table's or the shards' rows,
+vqgan.data.ranks.rank_share; a streamed hub dataset's rows as datasets splits them; no padding, so no
+row is encoded twice at an uneven tail) and writes its own token shards; the
 main process writes the index with the tokenizer's identity and renames the folder into place. Rows
 carry their source key, so readers see them in source order whatever the number of processes (streamed
-hub sources split by files, without a hold-out or cap: in an order that depends on it; see _StreamedRows).
+hub sources split by files, without a hold-out or cap: in an order that depends on it; see vqgan.data.streaming.StreamedRows).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vqgan.data import BadItem, DataConfig, build_dataset
+from vqgan.data import BadItem, DataConfig, source_of
 from vqgan.errors import DataError
 from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
 from vqgan.prior.data import finish_token_shards, write_token_shard
@@ -87,22 +87,6 @@ def check_tokenizer_fits_prior(tokenizer_path: str, data: DataConfig, num_codes:
         raise DataError("the tokenizer and tokens.data do not fit the prior: " + "; ".join(problems))
 
 
-@dataclass
-class _Shard(Dataset):
-    """Rows rank, rank + world, ... of `dataset`, each returned with its row index."""
-
-    dataset: Dataset
-    rank: int
-    world: int
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.world))
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        row = self.rank + i * self.world
-        return row, self.dataset[row]
-
-
 def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
     good = [(row, item) for row, item in items if not isinstance(item, BadItem)]
     return {
@@ -111,91 +95,6 @@ def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
         "labels": [item.get("label") for _, item in good],
         "skipped": [item.name for _, item in items if isinstance(item, BadItem)],
     }
-
-
-class _ShardRows(IterableDataset):
-    """A "wds:" source's samples [rank * n / world, (rank + 1) * n / world), split again over DataLoader workers."""
-
-    def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
-        from vqgan.data import ShardItem, _shard_layout, shard_eval_spans
-
-        if split == "eval":  # the very rows training evaluates on
-            names, spans, _ = shard_eval_spans(data)
-        else:
-            names, _, spans = _shard_layout(data)
-        total = sum(span.count for span in spans)
-        self.begin, self.end = rank * total // world, (rank + 1) * total // world  # covers all, no overlap
-        self.names, self.spans, self.seed = names, spans, seed
-        self.make_item = ShardItem(data.image_size, data.resize, data.random_crop and split == "train",
-                                   data.hflip and split == "train", data.image_column, data.label_column,
-                                   data.jpeg_draft)
-
-    def __len__(self) -> int:
-        return self.end - self.begin
-
-    def __iter__(self):
-        from vqgan.data import shards
-
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        size = self.end - self.begin
-        lo, hi = self.begin + worker * size // workers, self.begin + (worker + 1) * size // workers
-        row = lo
-        for span in shards.take(self.spans, lo, hi - lo):
-            for index, key, members in shards.read_samples(self.names[span.shard], span.first, span.count):
-                name = f"{self.names[span.shard]}:{key}"
-                yield row, self.make_item(members, name, shards.seed_of(self.seed, 0, span.shard, index))
-                row += 1
-
-
-class _StreamedRows(IterableDataset):
-    """A streamed hub source's rows for one process (`process_rows`), keyed by their row in the whole stream.
-
-    Decoded in a thread pool here, not in DataLoader workers: datasets would hand each worker files of its
-    own, and a skip or take would then apply per worker (see vqgan.data.streaming).
-    """
-
-    def __init__(self, data: DataConfig, split: str, seed: int, rank: int, world: int) -> None:
-        from vqgan.data.streaming import RowItem, open_stream, process_rows, stream_rows
-
-        rows = stream_rows(data, split)  # the very rows training holds out (eval) or trains on
-        stream, self.description = open_stream(data, rows.split)
-        self.stream = process_rows(stream, rows, rank=rank, world=world)
-        # Split by example (a hold-out or a cap), process r holds rows r, r + W, ...: the key is the row in the
-        # whole stream. Split by files (datasets' choice when their count divides W) it is only unique, and
-        # the token order then depends on the number of processes.
-        self.by_example = world > 1 and (rows.skip > 0 or rows.limit is not None)
-        self.rank, self.world, self.seed, self.threads = rank, world, seed, max(1, data.num_workers)
-        self.make_item = RowItem(data.image_size, data.resize, data.random_crop and split == "train",
-                                 data.hflip and split == "train", data.image_column, data.label_column, data.jpeg_draft)
-
-    def __iter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-        import itertools
-
-        from vqgan.data.shards import seed_of
-
-        rows = iter(self.stream)
-        with ThreadPoolExecutor(self.threads) as pool:
-            i = 0
-            while chunk := list(itertools.islice(rows, 8 * self.threads)):
-                keys = [(i + j) * self.world + self.rank for j in range(len(chunk))]
-                global_rows = self.by_example or self.world == 1
-                names = [f"{self.description} row {k}" if global_rows else f"{self.description} rank {self.rank} row {i + j}"
-                         for j, k in enumerate(keys)]
-                yield from zip(keys, pool.map(self.make_item, chunk, names, [seed_of(self.seed, k) for k in keys]))
-                i += len(chunk)
-
-
-def _rows_of(data: DataConfig, split: str, seed: int, rank: int, world: int):
-    """This process's (key, item) pairs of the source: every row once over all processes, map-style or stream."""
-    from vqgan.data import shards
-
-    if shards.is_shard_source(data.source):
-        return _ShardRows(data, split, seed, rank, world)
-    if data.streaming:
-        return _StreamedRows(data, split, seed, rank, world)
-    return _Shard(build_dataset(data, split, seed=seed), rank, world)
 
 
 # Grids per token shard file: ~33 MB of uint16 at 16x16 tokens; a process holds at most one chunk.
@@ -247,8 +146,8 @@ def tokenize_dataset(
 ) -> dict[str, Any]:
     """Write the token dataset of `data`'s `split` to `out_path`; returns its metadata (on every process).
 
-    Any source streams through: map-style rows rank::world, "wds:" shards and streamed hub datasets
-    split by process. Each process writes its own token shards (vqgan.prior.data, sharded layout) into a
+    Any source streams through (`Source.rows`): map-style rows and "wds:" shards in blocks by process,
+    streamed hub datasets as datasets splits them. Each process writes its own token shards (vqgan.prior.data, sharded layout) into a
     hidden folder beside `out_path`; the main process writes the index and renames the folder into
     place, so a reader never sees half a dataset. The tokenizer (folder or Hub repo id) is resolved and
     fingerprinted once, before any image is encoded (a Hub id at `revision`, pinned to the commit the
@@ -258,10 +157,10 @@ def tokenize_dataset(
     check_precision(precision)  # before any work
     folder, identity = resolve_on_every_process(accelerator, tokenizer_path, revision)
     tokenizer = VQTokenizer.from_pretrained(folder, device=device)
-    rows = _rows_of(data, split, seed, accelerator.process_index, accelerator.num_processes)
-    workers = 0 if isinstance(rows, _StreamedRows) else data.num_workers  # it decodes in threads of its own
-    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda")
+    source = source_of(data)
+    rows = source.rows(split, seed, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=source.rows_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
     h, w = tokenizer.grid_shape(data.image_size, data.image_size)
     out_path = Path(out_path).absolute()
     partial = out_path.parent / f".{out_path.name}.partial"
