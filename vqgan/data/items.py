@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from vqgan.data import shards
+from vqgan.data.config import DataConfig
 from vqgan.data.decode import crop_pixels, decode_image, resized_pixels
 
 logger = logging.getLogger(__name__)
@@ -34,67 +35,69 @@ def unreadable(name: str, error: str, what: str = "sample") -> BadItem:
     return BadItem(name, error)
 
 
-def keyed_item(pixels: torch.Tensor, name: str, seed: int, label: int | None, image_size: int, random_crop: bool,
-               hflip: bool) -> dict[str, Any]:
-    """A stream's item: the crop of `pixels` drawn from `seed`, its label and its name as "key"."""
-    item = {"image": crop_pixels(pixels, image_size, random_crop, hflip, np.random.default_rng(seed)), "key": name}
-    if label is not None:
-        item["label"] = label
-    return item
-
-
 @dataclass(frozen=True)
-class ShardItem:
-    """A shard sample's members -> {"image", "label"?, "key"} or a BadItem naming it (picklable for workers)."""
+class StreamItem:
+    """How a stream's sample becomes an item: decoded, resized, cropped with the sample's seed (picklable).
+
+    image_field / label_field: the shard member extensions (ShardItem) or the row's columns (RowItem).
+    """
 
     image_size: int
     resize: int | None
     random_crop: bool
     hflip: bool
-    image_key: str
-    label_key: str | None
+    image_field: str
+    label_field: str | None
     jpeg_draft: bool = True
+
+    @classmethod
+    def of(cls, config: DataConfig, split: str) -> StreamItem:
+        """The items of `split`: "train" random crops and flips as configured, "eval" centre crops."""
+        train = split == "train"
+        return cls(config.image_size, config.resize, config.random_crop and train, config.hflip and train,
+                   config.image_column, config.label_column, config.jpeg_draft)
+
+    def pixels(self, cell: dict[str, Any]) -> torch.Tensor:
+        """(3, H', W') uint8, the shorter side resized; raises on a file PIL cannot read."""
+        return resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size, self.resize)
+
+    def item(self, pixels: torch.Tensor, name: str, seed: int, label: int | None) -> dict[str, Any]:
+        """{"image": the crop drawn from `seed`, "key": name, "label"?}."""
+        crop = crop_pixels(pixels, self.image_size, self.random_crop, self.hflip, np.random.default_rng(seed))
+        return {"image": crop, "key": name, **({"label": label} if label is not None else {})}
+
+
+class ShardItem(StreamItem):
+    """A shard sample's members -> {"image", "label"?, "key"} or a BadItem naming it."""
 
     def __call__(self, members: dict[str, bytes], name: str, seed: int) -> dict[str, Any] | BadItem:
-        data = shards.image_member(members, self.image_key)
+        data = shards.image_member(members, self.image_field)
         if data is None:
-            return unreadable(name, f"no {self.image_key!r} member (the sample has {sorted(members)})")
+            return unreadable(name, f"no {self.image_field!r} member (the sample has {sorted(members)})")
         try:
-            draft = self.resize if self.jpeg_draft else None
-            pixels = resized_pixels(decode_image({"bytes": data}, draft), self.image_size, self.resize)
+            pixels = self.pixels({"bytes": data})
             label = None
-            if self.label_key is not None:
-                if self.label_key not in members:
-                    return unreadable(name, f"no label member {self.label_key!r} (the sample has {sorted(members)})")
-                label = shards.parse_label(members[self.label_key])
+            if self.label_field is not None:
+                if self.label_field not in members:
+                    return unreadable(name, f"no label member {self.label_field!r} (the sample has {sorted(members)})")
+                label = shards.parse_label(members[self.label_field])
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...; a label may not be an int
             return unreadable(name, f"{type(err).__name__}: {err}")
-        return keyed_item(pixels, name, seed, label, self.image_size, self.random_crop, self.hflip)
+        return self.item(pixels, name, seed, label)
 
 
-@dataclass(frozen=True)
-class RowItem:
+class RowItem(StreamItem):
     """A streamed row -> {"image", "label"?, "key"} or a BadItem naming it."""
 
-    image_size: int
-    resize: int | None
-    random_crop: bool
-    hflip: bool
-    image_column: str
-    label_column: str | None
-    jpeg_draft: bool = True
-
     def __call__(self, row: dict[str, Any], name: str, seed: int) -> dict[str, Any] | BadItem:
-        cell = row[self.image_column]
+        cell = row[self.image_field]
         if cell.get("bytes") is None and cell.get("path"):
             name = cell["path"]
         try:
-            pixels = resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size,
-                                    self.resize)
+            pixels = self.pixels(cell)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ...
             return unreadable(name, f"{type(err).__name__}: {err}")
-        label = int(row[self.label_column]) if self.label_column is not None else None
-        return keyed_item(pixels, name, seed, label, self.image_size, self.random_crop, self.hflip)
+        return self.item(pixels, name, seed, int(row[self.label_field]) if self.label_field is not None else None)
 
 
 @dataclass(frozen=True)

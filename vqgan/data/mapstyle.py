@@ -9,7 +9,7 @@ workers, and a resumed run that calls `set_epoch` and skips the consumed batches
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -29,6 +29,8 @@ from vqgan.data.tables import (
     select_rows,
 )
 from vqgan.errors import DataError
+
+Table = tuple[datasets.Dataset, str]  # rows and their description
 
 
 class ImageDataset(Dataset):
@@ -156,9 +158,17 @@ def image_dataset(table: datasets.Dataset, description: str, config: DataConfig,
     )
 
 
-def in_memory_columns(config: DataConfig) -> DataConfig:
-    """`config` for an eval table read out of a stream, whose columns are "image" and "label"?."""
-    return dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
+def stream_eval_dataset(config: DataConfig, split: str, seed: int, read_table: Callable[[DataConfig], Table],
+                        what: str) -> ImageDataset:
+    """A stream's eval rows, read into memory by `read_table` (columns "image", "label"?), as centre crops.
+
+    Its training data is a stream, never a table: asked for "train", this says so (`what` names the stream).
+    """
+    if split == "train":
+        raise ValueError(f"{config.source} is {what}: build its training data with build_dataloader")
+    table, description = read_table(config)
+    in_memory = dataclasses.replace(config, image_column="image", label_column="label" if config.label_column else None)
+    return image_dataset(table, description, in_memory, split, seed)
 
 
 def epoch_loader(dataset: ImageDataset, config: DataConfig, batch_size: int, shuffle: bool, seed: int,

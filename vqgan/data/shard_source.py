@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vqgan.data import shards
 from vqgan.data.config import DataConfig
 from vqgan.data.items import CollateImages, CollateKeyed, ShardItem
-from vqgan.data.mapstyle import ImageDataset, image_dataset, in_memory_columns
+from vqgan.data.mapstyle import ImageDataset, stream_eval_dataset
 from vqgan.data.ranks import process_state, rank_share
 from vqgan.errors import DataError
 
@@ -73,12 +73,6 @@ def shard_eval_table(config: DataConfig) -> tuple[datasets.Dataset, str]:
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), description
 
 
-def shard_item(config: DataConfig, split: str) -> ShardItem:
-    train = split == "train"
-    return ShardItem(config.image_size, config.resize, config.random_crop and train, config.hflip and train,
-                     config.image_column, config.label_column, config.jpeg_draft)
-
-
 def warn_if_source_order(config: DataConfig, names: list[str]) -> None:
     """Warn when the shard tool wrote these shards in the source's order (an image folder: class by class)."""
     record = shards.index_row_order(names, config.shard_index)
@@ -120,10 +114,7 @@ class ShardSource:
         self.rows_workers = config.num_workers
 
     def dataset(self, split: str, seed: int = 0) -> ImageDataset:
-        if split == "train":
-            raise ValueError(f"{self.config.source} is a stream of shards: build its training data with build_dataloader")
-        table, description = shard_eval_table(self.config)
-        return image_dataset(table, description, in_memory_columns(self.config), split, seed)
+        return stream_eval_dataset(self.config, split, seed, shard_eval_table, "a stream of shards")
 
     def train_loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True) -> shards.StreamLoader:
         """This process's training stream (rank and world from Accelerate's state); its batches are all whole."""
@@ -132,7 +123,7 @@ class ShardSource:
         stream = shards.ShardStream(
             names, train, rank=state.process_index, world=state.num_processes, batch_size=batch_size,
             workers=config.num_workers, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
-            interleave=config.shard_interleave, make_item=shard_item(config, "train"),
+            interleave=config.shard_interleave, make_item=ShardItem.of(config, "train"),
             collate=CollateKeyed(CollateImages(config.image_size, config.label_column is not None)),
         )
         layout = stream.layout
@@ -154,7 +145,7 @@ class ShardSource:
         else:
             names, _, spans = shard_layout(self.config)
         total = sum(span.count for span in spans)
-        return ShardRows(names, spans, rank_share(total, rank, world), seed, shard_item(self.config, split))
+        return ShardRows(names, spans, rank_share(total, rank, world), seed, ShardItem.of(self.config, split))
 
     def source_table(self, split: str) -> datasets.Dataset:
         raise DataError(f"{self.config.source} is shards already: vqgan-make-shards reads embedded, a local image "

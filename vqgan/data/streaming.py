@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset
 
 from vqgan.data.config import DataConfig
 from vqgan.data.items import CollateImages, CollateKeyed, RowItem
-from vqgan.data.mapstyle import ImageDataset, image_dataset, in_memory_columns
+from vqgan.data.mapstyle import ImageDataset, stream_eval_dataset
 from vqgan.data.ranks import process_state
 from vqgan.data.shards import seed_of, to_device
 from vqgan.data.tables import load_dataset_args
@@ -244,7 +244,7 @@ class StreamedRows(IterableDataset):
         # the token order then depends on the number of processes.
         self.by_example = world > 1 and (rows.skip > 0 or rows.limit is not None)
         self.rank, self.world, self.seed, self.threads = rank, world, seed, max(1, config.num_workers)
-        self.make_item = row_item(config, split)
+        self.make_item = RowItem.of(config, split)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         rows = iter(self.stream)
@@ -259,12 +259,6 @@ class StreamedRows(IterableDataset):
                 i += len(chunk)
 
 
-def row_item(config: DataConfig, split: str) -> RowItem:
-    train = split == "train"
-    return RowItem(config.image_size, config.resize, config.random_crop and train, config.hflip and train,
-                   config.image_column, config.label_column, config.jpeg_draft)
-
-
 class StreamSource:
     """A hub dataset (or local parquet / image folder) read as a stream (`data.streaming: true`): see
     `sources.Source`. Its rows decode in threads of their own, so tokenization runs no DataLoader workers."""
@@ -274,10 +268,7 @@ class StreamSource:
         self.rows_workers = 0
 
     def dataset(self, split: str, seed: int = 0) -> ImageDataset:
-        if split == "train":
-            raise ValueError(f"{self.config.source} is streamed: build its training data with build_dataloader")
-        table, description = eval_rows(self.config)
-        return image_dataset(table, description, in_memory_columns(self.config), split, seed)
+        return stream_eval_dataset(self.config, split, seed, eval_rows, "streamed")
 
     def train_loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True) -> HubStream:
         """This process's endless training stream (rank and world from Accelerate's state); its batches are all whole."""
@@ -287,7 +278,7 @@ class StreamSource:
         collate = CollateKeyed(CollateImages(config.image_size, config.label_column is not None))
         return HubStream(stream, description, rank=state.process_index, world=state.num_processes,
                          batch_size=batch_size, seed=seed, shuffle=shuffle, shuffle_buffer=config.shuffle_buffer,
-                         rows=rows, make_item=row_item(config, "train"), collate=collate,
+                         rows=rows, make_item=RowItem.of(config, "train"), collate=collate,
                          threads=config.num_workers, device=state.device)
 
     def rows(self, split: str, seed: int, rank: int, world: int) -> StreamedRows:
