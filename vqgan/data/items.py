@@ -16,6 +16,7 @@ from vqgan.data.decode import crop_pixels, decode_image, resized_pixels
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BadItem:
     """What the dataset returns in place of an image it could not read; the collate function drops it."""
@@ -59,7 +60,8 @@ class StreamItem:
 
     def pixels(self, cell: dict[str, Any]) -> torch.Tensor:
         """(3, H', W') uint8, the shorter side resized; raises on a file PIL cannot read."""
-        return resized_pixels(decode_image(cell, self.resize if self.jpeg_draft else None), self.image_size, self.resize)
+        draft = self.resize if self.jpeg_draft else None
+        return resized_pixels(decode_image(cell, draft), self.image_size, self.resize)
 
     def item(self, pixels: torch.Tensor, name: str, seed: int, label: int | None) -> dict[str, Any]:
         """{"image": the crop drawn from `seed`, "key": name, "label"?}."""

@@ -135,7 +135,7 @@ class KeyedRows(Dataset):
 
 
 def image_dataset(table: datasets.Dataset, description: str, config: DataConfig, split: str, seed: int) -> ImageDataset:
-    """The crops of `table`'s rows for `split`: "train" random crops and flips, "eval" centre crops; checked at start."""
+    """The crops of `table`'s rows for `split` ("train": random crops and flips, "eval": centre crops), checked."""
     require_rows(table, description)
     table = check_columns(table, config, description)
     train, embedded = split == "train", config.source == "embedded"
@@ -202,7 +202,7 @@ class MapSource:
         self.config = config
         self.rows_workers = config.num_workers
 
-    def _split_table(self, split: str) -> tuple[datasets.Dataset, str]:
+    def _split_table(self, split: str) -> Table:
         config = self.config
         if config.source == "embedded":
             return embedded_dataset(split), f"embedded [{split}]"

@@ -88,7 +88,8 @@ def warn_if_source_order(config: DataConfig, names: list[str]) -> None:
 class ShardRows(IterableDataset):
     """(row, item) of samples `rows` of `spans`, split again over DataLoader workers; row: in the whole selection."""
 
-    def __init__(self, names: list[str], spans: list[shards.Span], rows: range, seed: int, make_item: ShardItem) -> None:
+    def __init__(self, names: list[str], spans: list[shards.Span], rows: range, seed: int,
+                 make_item: ShardItem) -> None:
         self.names, self.spans, self.rows, self.seed, self.make_item = names, spans, rows, seed, make_item
 
     def __len__(self) -> int:

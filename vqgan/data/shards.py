@@ -8,10 +8,10 @@ pipeline, because its shuffles draw from stateful RNGs that no checkpoint holds,
 
 The scheme: the number of samples of every shard is known at start (the `index.json` the shard tool
 writes, or a header scan of local shards). Epoch e's sample sequence is the shards in a (seed, e)
-order, concatenated. Process r of W takes the contiguous range [r*n, (r+1)*n) with n = N // W (the
-N % W left over are counted and reported, never silently lost: they differ epoch to epoch because the
-shard order does). Its n samples make n // B batches; DataLoader worker slot j % num_workers makes
-batch j from one contiguous block of the range. The slot deals the block's shards (spans) to
+order, concatenated. Process r of W takes the contiguous range [r*n, (r+1)*n) with n = N // W
+(`ranks.rank_share`; the N % W left over are counted and reported, never silently lost: they differ
+epoch to epoch because the shard order does). Its n samples make n // B batches; DataLoader worker
+slot j % num_workers makes batch j from one contiguous block of the range. The slot deals the block's shards (spans) to
 `interleave` lanes, reads the lanes at once and merges them in a random order (webdataset's RandomMix
 over shard streams), then passes the merged samples through a shuffle buffer; both are seeded by
 (seed, epoch, rank, slot). A batch is therefore a pure function of (seed, epoch, rank, batch index),

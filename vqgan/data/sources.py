@@ -35,7 +35,7 @@ class Source(Protocol):
         streams read this process's share themselves and yield whole batches only (drop_last is the DataLoader's)."""
 
     def dataset(self, split: str, seed: int = 0) -> ImageDataset:
-        """The eval table ("eval": centre crops, every process the whole of it), or a map-style source's "train" rows."""
+        """The eval table ("eval": centre crops, every process all of it), or a map-style source's "train" rows."""
 
     def rows(self, split: str, seed: int, rank: int, world: int) -> Dataset:
         """Process `rank` of `world`'s (key, item) pairs of `split`, for tokenization: over all processes every

@@ -253,8 +253,8 @@ class StreamedRows(IterableDataset):
             while chunk := list(itertools.islice(rows, 8 * self.threads)):
                 keys = [(i + j) * self.world + self.rank for j in range(len(chunk))]
                 global_rows = self.by_example or self.world == 1
-                names = [f"{self.description} row {k}" if global_rows else f"{self.description} rank {self.rank} row {i + j}"
-                         for j, k in enumerate(keys)]
+                names = [f"{self.description} row {k}" if global_rows
+                         else f"{self.description} rank {self.rank} row {i + j}" for j, k in enumerate(keys)]
                 yield from zip(keys, pool.map(self.make_item, chunk, names, [seed_of(self.seed, k) for k in keys]))
                 i += len(chunk)
 
@@ -271,7 +271,7 @@ class StreamSource:
         return stream_eval_dataset(self.config, split, seed, eval_rows, "streamed")
 
     def train_loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = True) -> HubStream:
-        """This process's endless training stream (rank and world from Accelerate's state); its batches are all whole."""
+        """This process's endless training stream (rank, world from Accelerate's state); its batches are all whole."""
         config, state = self.config, process_state()
         rows = stream_rows(config, "train")
         stream, description = open_stream(config, rows.split)

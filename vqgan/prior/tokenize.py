@@ -5,7 +5,8 @@ vqgan.data.ranks.rank_share; a streamed hub dataset's rows as datasets splits th
 row is encoded twice at an uneven tail) and writes its own token shards; the
 main process writes the index with the tokenizer's identity and renames the folder into place. Rows
 carry their source key, so readers see them in source order whatever the number of processes (streamed
-hub sources split by files, without a hold-out or cap: in an order that depends on it; see vqgan.data.streaming.StreamedRows).
+hub sources split by files, without a hold-out or cap: in an order that depends on it; see
+vqgan.data.streaming.StreamedRows).
 """
 
 from __future__ import annotations
@@ -147,9 +148,9 @@ def tokenize_dataset(
     """Write the token dataset of `data`'s `split` to `out_path`; returns its metadata (on every process).
 
     Any source streams through (`Source.rows`): map-style rows and "wds:" shards in blocks by process,
-    streamed hub datasets as datasets splits them. Each process writes its own token shards (vqgan.prior.data, sharded layout) into a
-    hidden folder beside `out_path`; the main process writes the index and renames the folder into
-    place, so a reader never sees half a dataset. The tokenizer (folder or Hub repo id) is resolved and
+    streamed hub datasets as datasets splits them. Each process writes its own token shards
+    (vqgan.prior.data, sharded layout) into a hidden folder beside `out_path`; the main process writes
+    the index and renames the folder into place, so a reader never sees half a dataset. The tokenizer (folder or Hub repo id) is resolved and
     fingerprinted once, before any image is encoded (a Hub id at `revision`, pinned to the commit the
     main process resolved); the metadata records it and the encoder `precision`.
     """
