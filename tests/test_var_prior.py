@@ -277,3 +277,28 @@ def test_tiny_model_overfits_fixed_pyramids():
     model.eval()
     drawn = sample_var(model, inputs, 4, labels, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(drawn, ids)  # greedy sampling reproduces each class's pyramid
+
+
+def test_reference_input_equals_vars_own_quantizer():
+    """ResidualPyramidInput = VAR's idxBl_to_var_input and get_next_autoregressive_input (its models/quant.py,
+    run by tests/fixtures/upstream/make_var_input_fixture.py on random weights; VAR computes f_hat in fp32)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(__file__).parent / "fixtures" / "upstream" / "var_next_scale_input.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    scales, ratio = tuple(json.loads(meta["scales"])), float(meta["quant_resi"])
+    phi_of_scale = json.loads(meta["phi_of_scale"])
+
+    def phi(h, i):  # VAR's Phi: h (1 - r) + conv(h) r, with the conv VAR picks for scale i
+        j = phi_of_scale[i]
+        return h * (1 - ratio) + F.conv2d(h, t[f"phi.{j}.weight"], t[f"phi.{j}.bias"], padding=1) * ratio
+
+    inputs = ResidualPyramidInput(t["codebook"], scales, phi)
+    ids = [t[f"ids.{k}"] for k in range(len(scales))]
+    torch.testing.assert_close(teacher_forcing_input(inputs, ids), t["var_input"], rtol=0, atol=1e-6)
+    for k in range(1, len(scales)):
+        torch.testing.assert_close(inputs.next_scale_input(ids, k), t[f"autoregressive_input.{k}"], rtol=0, atol=1e-6)
