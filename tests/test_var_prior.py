@@ -241,6 +241,8 @@ def test_bad_inputs_are_refused_clearly():
         model(torch.zeros(1, 7, C, dtype=torch.float64))
     with pytest.raises(ValueError, match="token ids"):
         next_scale_logits(model, tiny_inputs(), random_ids(1) + K, None)
+    with pytest.raises(TypeError, match="not a NextScaleInput"):
+        sample_var(model, object(), 1, [0])
     with pytest.raises(ValueError, match="inputs="):
         model.sample(1, [0], SamplingConfig())
     with pytest.raises(ValueError, match="increase"):
@@ -302,3 +304,29 @@ def test_reference_input_equals_vars_own_quantizer():
     torch.testing.assert_close(teacher_forcing_input(inputs, ids), t["var_input"], rtol=0, atol=1e-6)
     for k in range(1, len(scales)):
         torch.testing.assert_close(inputs.next_scale_input(ids, k), t[f"autoregressive_input.{k}"], rtol=0, atol=1e-6)
+
+
+class OnePassInput(ResidualPyramidInput):
+    """A tokenizer side that also offers the one-pass teacher-forcing input (as the msvq quantizer does)."""
+
+    calls = 0
+
+    def teacher_forcing_input(self, ids):
+        OnePassInput.calls += 1
+        f_hat, parts = 0, []
+        for k, part in enumerate(split_scales(ids, self.scales)[:-1]):
+            f_hat = f_hat + self.upsampled_codes(part, k)
+            side = self.scales[k + 1]
+            parts.append(F.interpolate(f_hat, size=(side, side), mode="area").flatten(2).transpose(1, 2))
+        return torch.cat(parts, dim=1)
+
+
+def test_one_pass_teacher_forcing_input_is_used_when_offered_and_equals_the_loop():
+    reference = tiny_inputs()
+    one_pass = OnePassInput(reference.codebook, SCALES, reference.phi)
+    model, ids = tiny_var(), random_ids(3)
+    with torch.no_grad():
+        want = next_scale_logits(model, reference, ids, None)
+        got = next_scale_logits(model, one_pass, ids, None)
+    assert OnePassInput.calls == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -30,14 +30,16 @@ class NextScaleInput(Protocol):
     """The tokenizer side of the next-scale prior (the multi-scale quantizer implements it).
 
     scales: the side s_k of each scale's s_k x s_k grid, coarse to fine.
-    code_dim: C, the width of the vectors `next_scale_input` returns.
     next_scale_input(ids_per_scale, k): ids_per_scale[i] is (B, s_i * s_i) long for i < k (more may be
     given and must be ignored), 1 <= k < len(scales) -> (B, s_k * s_k, C) float, the prior's input
-    for the positions of scale k. It must depend on ids_per_scale[:k] only.
+    for the positions of scale k (C = the prior's code_dim). It must depend on ids_per_scale[:k] only.
+
+    Optional: teacher_forcing_input(ids) with ids (B, L) flat -> (B, L - s_0^2, C), the inputs of
+    scales 1..K-1 concatenated in one pass (VAR's idxBl_to_var_input); it must equal the loop over
+    next_scale_input that `teacher_forcing_input` below runs when it is absent.
     """
 
     scales: tuple[int, ...]
-    code_dim: int
 
     def next_scale_input(self, ids_per_scale: Sequence[Tensor], k: int) -> Tensor: ...
 
@@ -83,10 +85,12 @@ def split_scales(ids: Tensor, scales: Sequence[int]) -> list[Tensor]:
 def teacher_forcing_input(inputs: NextScaleInput, ids_per_scale: Sequence[Tensor], upto: int | None = None) -> Tensor:
     """The inputs of scales 1 .. upto-1 (default: all) concatenated -> (B, L_upto - s_0^2, C)."""
     upto = len(inputs.scales) if upto is None else upto
+    if upto == len(inputs.scales) and hasattr(inputs, "teacher_forcing_input"):  # the tokenizer's one pass
+        return inputs.teacher_forcing_input(torch.cat(list(ids_per_scale[:upto]), dim=1))
     parts = [inputs.next_scale_input(ids_per_scale, k) for k in range(1, upto)]
     if not parts:
         first = ids_per_scale[0]
-        return first.new_zeros(first.shape[0], 0, inputs.code_dim, dtype=torch.get_default_dtype())
+        return torch.zeros(first.shape[0], 0, 0, device=first.device)  # no scale after the first: nothing to embed
     return torch.cat(parts, dim=1)
 
 

@@ -208,7 +208,7 @@ class VARPrior(nn.Module):
             if scale_inputs is None or scale_inputs.shape[1:] != (expected, self.config.code_dim):
                 got = None if scale_inputs is None else tuple(scale_inputs.shape)
                 raise ValueError(f"positions [{begin}, {end}) need scale inputs (B, {expected}, "
-                                 f"{self.config.code_dim}), got {got}")
+                                 f"code_dim={self.config.code_dim}) from the tokenizer, got {got}")
             parts.append(self.word_embed(scale_inputs.to(self.word_embed.weight.dtype)))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return x + self.pos_emb[begin:end] + self.level_emb(self.levels[begin:end])
@@ -274,11 +274,14 @@ class VARPrior(nn.Module):
 
 
 def check_inputs_fit(model: VARPrior, inputs: NextScaleInput) -> None:
-    """Refuse a NextScaleInput whose scales or code width differ from the prior's."""
+    """Refuse a NextScaleInput with other scales than the prior's (a wrong code width fails in `embed`)."""
     c = model.config
-    if tuple(inputs.scales) != c.scales or int(inputs.code_dim) != c.code_dim:
-        raise ValueError(f"the tokenizer's next-scale input has scales {tuple(inputs.scales)} and code_dim "
-                         f"{inputs.code_dim}; the VAR prior expects scales {c.scales} and code_dim {c.code_dim}")
+    if not isinstance(inputs, NextScaleInput):
+        raise TypeError(f"{type(inputs).__name__} is not a NextScaleInput: it needs `scales` and "
+                        "`next_scale_input(ids_per_scale, k)` (vqgan.prior.next_scale_input)")
+    if tuple(inputs.scales) != c.scales:
+        raise ValueError(f"the tokenizer's next-scale input has scales {tuple(inputs.scales)}; the VAR prior "
+                         f"expects scales {c.scales}")
 
 
 def next_scale_logits(model: VARPrior, inputs: NextScaleInput, ids: Tensor, labels: Tensor | None) -> Tensor:
