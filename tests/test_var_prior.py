@@ -330,3 +330,27 @@ def test_one_pass_teacher_forcing_input_is_used_when_offered_and_equals_the_loop
         got = next_scale_logits(model, one_pass, ids, None)
     assert OnePassInput.calls == 1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_save_and_load_round_trip_through_the_prior_registry(tmp_path):
+    from vqgan.prior.io import load_prior, save_prior
+
+    model, inputs = tiny_var(dtype=torch.float32), tiny_inputs(dtype=torch.float32)
+    save_prior(model, tmp_path / "prior")
+    loaded, meta = load_prior(tmp_path / "prior")
+    assert meta["kind"] == "var" and loaded.config == model.config
+    ids = random_ids(2)
+    with torch.no_grad():
+        assert torch.equal(next_scale_logits(loaded, inputs, ids, None), next_scale_logits(model, inputs, ids, None))
+
+
+def test_training_loss_without_id_checks_has_no_host_sync():
+    from test_engine import HostSyncCounter
+
+    model = tiny_var(dtype=torch.float32).train()
+    model.check_ids = False
+    inputs, ids, labels = tiny_inputs(dtype=torch.float32), random_ids(4), torch.tensor([0, 1, 2, 1])
+    next_scale_loss(model, inputs, ids, labels).backward()  # warm-up
+    with HostSyncCounter() as counter:
+        next_scale_loss(model, inputs, ids, labels).backward()
+    assert counter.seen == [], f"host syncs in the VAR step: {counter.seen}"
