@@ -354,3 +354,19 @@ def test_training_loss_without_id_checks_has_no_host_sync():
     with HostSyncCounter() as counter:
         next_scale_loss(model, inputs, ids, labels).backward()
     assert counter.seen == [], f"host syncs in the VAR step: {counter.seen}"
+
+
+def test_one_grid_priors_refuse_multi_scale_token_sets_and_var_checks_its_scales():
+    from vqgan.prior.data import check_token_dataset
+
+    meta = {"num_codes": 16, "grid": [4, 4], "tokenizer_hash": "abc123", "scales": [1, 2, 3, 4]}
+    with pytest.raises(ValueError, match=r"multi-scale tokens \(scales \[1, 2, 3, 4\], 30 ids per image.*prior: var"):
+        check_token_dataset(meta, 16, (4, 4))
+    check_token_dataset(meta, 16, (4, 4), scales=SCALES)
+    with pytest.raises(ValueError, match=r"has scales \[1, 2, 3, 4\], the next-scale prior expects scales \[1, 2, 4\]"):
+        check_token_dataset(meta, 16, (4, 4), scales=(1, 2, 4))
+    one_grid = {k: v for k, v in meta.items() if k != "scales"}
+    check_token_dataset(one_grid, 16, (4, 4))  # one-grid sets keep working
+    check_token_dataset({**one_grid, "scales": [4]}, 16, (4, 4))
+    with pytest.raises(ValueError, match="has scales none"):
+        check_token_dataset(one_grid, 16, (4, 4), scales=SCALES)
