@@ -166,6 +166,17 @@ def test_cached_and_uncached_sampling_draw_the_same_tokens(kw):
     assert torch.equal(*runs)
 
 
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_sampling_without_labels_uses_the_null_class(num_classes):
+    model, inputs = tiny_var(num_classes=num_classes), tiny_inputs()
+    runs = [sample_var(model, inputs, 2, generator=torch.Generator().manual_seed(0), use_kv_cache=cache)
+            for cache in (True, False)]
+    assert torch.equal(*runs)
+    if num_classes:
+        null = sample_var(model, inputs, 2, [num_classes - 1] * 2, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(runs[0], null)
+
+
 def test_sampling_takes_one_model_call_per_scale_over_that_scale_only():
     model, inputs = tiny_var(), tiny_inputs()
     calls = record_calls(model)

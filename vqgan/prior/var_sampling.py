@@ -59,10 +59,10 @@ def sample_var(
     device = model.head.weight.device
     labels = labels_tensor(labels, n, cfg.num_classes, device)
     guided = check_guidance(cfg.num_classes, cfg.class_dropout, labels, cfg_scale, section="var")
-    row_labels = labels if labels is not None else torch.full((n,), cfg.null_class, dtype=torch.long, device=device)
-    if guided:  # rows [0, n) conditional, rows [n, 2n) the null class
-        row_labels = torch.cat([row_labels, torch.full_like(row_labels, cfg.null_class)])
-    rows = row_labels.shape[0]
+    row_labels = labels  # None: the null class (an unconditional prior's only one)
+    if guided:  # rows [0, n) conditional, rows [n, 2n) the null class; guidance implies labels
+        row_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)])
+    rows = 2 * n if guided else n
     weights = guidance_weights(cfg_scale, len(cfg.scales))
     was_training = model.training
     model.eval()
