@@ -381,3 +381,26 @@ def test_one_grid_priors_refuse_multi_scale_token_sets_and_var_checks_its_scales
     check_token_dataset({**one_grid, "scales": [4]}, 16, (4, 4))
     with pytest.raises(ValueError, match="has scales none"):
         check_token_dataset(one_grid, 16, (4, 4), scales=SCALES)
+
+
+def test_vars_own_pyramid_samples_680_tokens_in_ten_cached_steps_equal_to_teacher_forcing():
+    """The default scales (1..16, 680 tokens; 13 -> 16 is a fractional area/bicubic resize) end to end, fp64."""
+    model = tiny_var(scales=VAR_SCALES, depth=1)
+    inputs = tiny_inputs(scales=VAR_SCALES)
+    calls = record_calls(model)
+    ids = sample_var(model, inputs, 2, [0, 2], cfg_scale=1.5, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (2, 680) and [c[1] for c in calls] == list(range(10))
+    rows = torch.tensor([0, 2, 3, 3])
+    with torch.no_grad():
+        full = next_scale_logits(model, inputs, ids.repeat(2, 1), rows)
+    for (_, _, _, logits), (begin, end) in zip(calls, model.bounds):
+        torch.testing.assert_close(logits, full[:, begin:end], rtol=0, atol=1e-10)
+
+
+def test_training_loss_under_bf16_autocast_is_finite_and_close_to_fp32():
+    model, inputs = tiny_var(dtype=torch.float32), tiny_inputs(dtype=torch.float32)  # eval: no class dropout
+    ids, labels = random_ids(4), torch.tensor([0, 1, 2, 1])
+    fp32 = next_scale_loss(model, inputs, ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = next_scale_loss(model, inputs, ids, labels)
+    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
