@@ -56,7 +56,7 @@ def build_models(sizes, device: torch.device) -> tuple[TransformerPrior, PixelCN
             MaskGITPrior(mcfg).to(device).eval())
 
 
-VAR_CODE_DIM = 32  # VAR's tokenizer: 32-dim codes
+VAR_INPUT_DIM = 32  # VAR's tokenizer: 32-dim codes
 
 
 def var_scales(grid: int) -> tuple[int, ...]:
@@ -70,15 +70,15 @@ def build_var(sizes, device: torch.device, target_params: int) -> tuple[VARPrior
     torch.manual_seed(0)
 
     def config(depth: int) -> VARConfig:
-        return VARConfig(num_codes=sizes.num_codes, scales=var_scales(sizes.grid), code_dim=VAR_CODE_DIM,
+        return VARConfig(num_codes=sizes.num_codes, scales=var_scales(sizes.grid), input_dim=VAR_INPUT_DIM,
                          num_classes=0, dim=sizes.dim, depth=depth, heads=sizes.heads)
 
     depth = min(range(1, 2 * sizes.depth + 1),
                 key=lambda d: abs(count_parameters(VARPrior(config(d))) - target_params))
     model = VARPrior(config(depth)).to(device).eval()
-    conv = torch.nn.Conv2d(VAR_CODE_DIM, VAR_CODE_DIM, 3, padding=1).to(device)
+    conv = torch.nn.Conv2d(VAR_INPUT_DIM, VAR_INPUT_DIM, 3, padding=1).to(device)
     phi = lambda h, k: h * 0.5 + conv(h) * 0.5  # noqa: E731 - VAR's Phi with quant_resi 0.5, one shared conv
-    codebook = torch.randn(sizes.num_codes, VAR_CODE_DIM, device=device)
+    codebook = torch.randn(sizes.num_codes, VAR_INPUT_DIM, device=device)
     return model, ResidualPyramidInput(codebook, model.config.scales, phi)
 
 

@@ -21,7 +21,7 @@ K, C = 16, 4
 
 def tiny_var(dtype=torch.float64, **overrides) -> VARPrior:
     torch.manual_seed(0)
-    kw = dict(num_codes=K, scales=SCALES, code_dim=C, num_classes=3, dim=32, depth=2, heads=4, class_dropout=0.1)
+    kw = dict(num_codes=K, scales=SCALES, input_dim=C, num_classes=3, dim=32, depth=2, heads=4, class_dropout=0.1)
     kw.update(overrides)
     model = VARPrior(VARConfig(**kw)).to(dtype).eval()
     # VAR starts every block's residual gate near zero and the head at 0.02 x 0.02: open both so that the
@@ -33,12 +33,12 @@ def tiny_var(dtype=torch.float64, **overrides) -> VARPrior:
     return model
 
 
-def tiny_inputs(dtype=torch.float64, scales=SCALES, code_dim=C, with_phi=True) -> ResidualPyramidInput:
+def tiny_inputs(dtype=torch.float64, scales=SCALES, input_dim=C, with_phi=True) -> ResidualPyramidInput:
     g = torch.Generator().manual_seed(1)
-    codebook = torch.randn(K, code_dim, generator=g, dtype=dtype)
+    codebook = torch.randn(K, input_dim, generator=g, dtype=dtype)
     phi = None
     if with_phi:  # VAR's Phi: h * (1 - r) + conv(h) * r, one conv per scale here
-        convs = [torch.nn.Conv2d(code_dim, code_dim, 3, padding=1).to(dtype) for _ in scales]
+        convs = [torch.nn.Conv2d(input_dim, input_dim, 3, padding=1).to(dtype) for _ in scales]
         phi = lambda h, i: h * 0.5 + convs[i](h) * 0.5  # noqa: E731
     return ResidualPyramidInput(codebook, scales, phi)
 
@@ -246,8 +246,8 @@ def test_bad_inputs_are_refused_clearly():
     model = tiny_var()
     with pytest.raises(ValueError, match="scales"):
         sample_var(model, tiny_inputs(scales=(1, 2, 4)), 1, [0])
-    with pytest.raises(ValueError, match="code_dim"):
-        sample_var(model, tiny_inputs(code_dim=5), 1, [0])
+    with pytest.raises(ValueError, match="input_dim"):
+        sample_var(model, tiny_inputs(input_dim=5), 1, [0])
     with pytest.raises(ValueError, match="one of"):
         model(torch.zeros(1, 7, C, dtype=torch.float64))
     with pytest.raises(ValueError, match="token ids"):
@@ -273,7 +273,7 @@ def test_sample_method_and_grids():
 def test_tiny_model_overfits_fixed_pyramids():
     """A few fixed class-conditional pyramids are learned: the loss falls far below uniform (log K) in seconds."""
     torch.manual_seed(0)
-    model = VARPrior(VARConfig(num_codes=K, scales=SCALES, code_dim=C, num_classes=4, dim=64, depth=2, heads=4,
+    model = VARPrior(VARConfig(num_codes=K, scales=SCALES, input_dim=C, num_classes=4, dim=64, depth=2, heads=4,
                                class_dropout=0.0)).train()
     inputs = tiny_inputs(dtype=torch.float32)
     ids, labels = random_ids(4, seed=7), torch.arange(4)

@@ -32,7 +32,8 @@ class NextScaleInput(Protocol):
     scales: the side s_k of each scale's s_k x s_k grid, coarse to fine.
     next_scale_input(ids_per_scale, k): ids_per_scale[i] is (B, s_i * s_i) long for i < k (more may be
     given and must be ignored), 1 <= k < len(scales) -> (B, s_k * s_k, C) float, the prior's input
-    for the positions of scale k (C = the prior's code_dim). It must depend on ids_per_scale[:k] only.
+    for the positions of scale k (C = the prior's input_dim, the tokenizer's latent width). It must
+    depend on ids_per_scale[:k] only.
 
     Optional: teacher_forcing_input(ids) with ids (B, L) flat -> (B, L - s_0^2, C), the inputs of
     scales 1..K-1 concatenated in one pass (VAR's idxBl_to_var_input); it must equal the loop over
@@ -110,7 +111,7 @@ class ResidualPyramidInput:
             raise ValueError(f"codebook must be (K, C), got shape {tuple(codebook.shape)}")
         self.codebook = codebook
         self.scales = check_scales(scales)
-        self.code_dim = int(codebook.shape[1])
+        self.input_dim = int(codebook.shape[1])
         self.phi = phi
 
     def upsampled_codes(self, ids: Tensor, i: int) -> Tensor:

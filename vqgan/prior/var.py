@@ -46,7 +46,7 @@ from vqgan.prior.transformer import KVCache
 class VARConfig:
     num_codes: int = 4096                          # K, the codebook shared by every scale
     scales: tuple[int, ...] = VAR_SCALES          # s_k, coarse to fine; L = sum s_k^2
-    code_dim: int = 32                             # C of the tokenizer's codes (NextScaleInput.code_dim)
+    input_dim: int = 32                            # C of the tokenizer's next-scale input: its latent width (VAR's Cvae)
     num_classes: int = 0                           # 0 = unconditional (only the null class)
     dim: int = 1024                                # VAR-d16: dim 64 * depth, heads = depth
     depth: int = 16
@@ -57,9 +57,9 @@ class VARConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", check_scales(self.scales))
-        if self.num_codes < 2 or self.num_classes < 0 or self.code_dim < 1:
-            raise ValueError(f"need num_codes >= 2, num_classes >= 0 and code_dim >= 1, got "
-                             f"{self.num_codes}, {self.num_classes}, {self.code_dim}")
+        if self.num_codes < 2 or self.num_classes < 0 or self.input_dim < 1:
+            raise ValueError(f"need num_codes >= 2, num_classes >= 0 and input_dim >= 1, got "
+                             f"{self.num_codes}, {self.num_classes}, {self.input_dim}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
         if not (0.0 <= self.class_dropout < 1.0) or not (0.0 <= self.dropout < 1.0):
@@ -140,7 +140,7 @@ class VARPrior(nn.Module):
         self.bounds = scale_bounds(c.scales)
         self.first_len = c.scales[0] ** 2
         init_std = math.sqrt(1 / c.dim / 3)  # VAR's embedding init
-        self.word_embed = nn.Linear(c.code_dim, c.dim)
+        self.word_embed = nn.Linear(c.input_dim, c.dim)
         self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)                           # classes, null
         self.pos_start = nn.Parameter(torch.empty(self.first_len, c.dim))                # scale 0's tokens
         self.pos_emb = nn.Parameter(torch.empty(c.seq_len, c.dim))
@@ -205,10 +205,10 @@ class VARPrior(nn.Module):
             parts.append(cond[:, None] + self.pos_start)                                    # (B, s_0^2, D)
         if end > max(begin, self.first_len):
             expected = end - max(begin, self.first_len)
-            if scale_inputs is None or scale_inputs.shape[1:] != (expected, self.config.code_dim):
+            if scale_inputs is None or scale_inputs.shape[1:] != (expected, self.config.input_dim):
                 got = None if scale_inputs is None else tuple(scale_inputs.shape)
                 raise ValueError(f"positions [{begin}, {end}) need scale inputs (B, {expected}, "
-                                 f"code_dim={self.config.code_dim}) from the tokenizer, got {got}")
+                                 f"input_dim={self.config.input_dim}) from the tokenizer, got {got}")
             parts.append(self.word_embed(scale_inputs.to(self.word_embed.weight.dtype)))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return x + self.pos_emb[begin:end] + self.level_emb(self.levels[begin:end])
@@ -234,7 +234,7 @@ class VARPrior(nn.Module):
         L' is the length of the first few scales (all of them in training: L); labels None = the null class.
         """
         if scale_inputs.dim() != 3:
-            raise ValueError(f"scale_inputs must be (B, T, {self.config.code_dim}), got {tuple(scale_inputs.shape)}")
+            raise ValueError(f"scale_inputs must be (B, T, {self.config.input_dim}), got {tuple(scale_inputs.shape)}")
         length = self.first_len + scale_inputs.shape[1]
         if length not in [end for _, end in self.bounds]:
             raise ValueError(f"scale_inputs cover {scale_inputs.shape[1]} positions; expected the inputs of "

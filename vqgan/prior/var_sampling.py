@@ -74,7 +74,7 @@ def sample_var(
             scale_input = None if k == 0 else inputs.next_scale_input(ids, k).repeat(rows // n, 1, 1)
             logits = model.forward_scale(k, scale_input, cond, cache)                    # (R, s_k^2, K)
         else:  # the whole prefix again: scales 0..k under the block-causal mask
-            prefix = teacher_forcing_input(inputs, ids, upto=k + 1) if k else cond.new_zeros(n, 0, cfg.code_dim)
+            prefix = teacher_forcing_input(inputs, ids, upto=k + 1) if k else cond.new_zeros(n, 0, cfg.input_dim)
             logits = model(prefix.repeat(rows // n, 1, 1), row_labels)[:, begin:end]    # (R, s_k^2, K)
         if guided:  # weight 1 (the coarsest scale) is the conditional rows exactly, not uncond + (cond - uncond)
             logits = logits[:n] if weights[k] == 1.0 else guided_logits(logits, n, weights[k])  # (n, s_k^2, K)
