@@ -341,6 +341,10 @@ def test_one_pass_teacher_forcing_input_is_used_when_offered_and_equals_the_loop
         got = next_scale_logits(model, one_pass, ids, None)
     assert OnePassInput.calls == 1
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # uncached sampling's last step asks for scales 1..K-1 holding the ids of scales < K only: the loop, not the one pass
+    runs = [sample_var(model, one_pass, 2, [0, 1], generator=torch.Generator().manual_seed(0), use_kv_cache=cache)
+            for cache in (True, False)]
+    assert torch.equal(*runs)
 
 
 def test_save_and_load_round_trip_through_the_prior_registry(tmp_path):

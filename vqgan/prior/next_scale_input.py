@@ -86,7 +86,8 @@ def split_scales(ids: Tensor, scales: Sequence[int]) -> list[Tensor]:
 def teacher_forcing_input(inputs: NextScaleInput, ids_per_scale: Sequence[Tensor], upto: int | None = None) -> Tensor:
     """The inputs of scales 1 .. upto-1 (default: all) concatenated -> (B, L_upto - s_0^2, C)."""
     upto = len(inputs.scales) if upto is None else upto
-    if upto == len(inputs.scales) and hasattr(inputs, "teacher_forcing_input"):  # the tokenizer's one pass
+    # the tokenizer's one pass reads every scale's ids (the last one's unused): only when all are given
+    if upto == len(inputs.scales) == len(ids_per_scale) and hasattr(inputs, "teacher_forcing_input"):
         return inputs.teacher_forcing_input(torch.cat(list(ids_per_scale[:upto]), dim=1))
     parts = [inputs.next_scale_input(ids_per_scale, k) for k in range(1, upto)]
     if not parts:
