@@ -1,5 +1,6 @@
 """Sampling speed of the priors: grids/s and tokens/s for a 16x16 grid, GPT with and without KV cache,
-PixelCNN and MaskGIT at 8, 12 and 16 parallel steps, all three families at a similar parameter count.
+PixelCNN, MaskGIT at 8, 12 and 16 parallel steps and the next-scale prior (VAR, 10 steps over VAR's
+pyramid 1..16, 680 tokens), all families at a similar parameter count.
 
     .venv/bin/python benchmarks/sampling.py                 # CPU, writes benchmarks/results/sampling.md
     .venv/bin/python benchmarks/sampling.py --device cuda
@@ -21,7 +22,10 @@ import torch
 from common import describe_machine, timed
 from vqgan.prior import MaskGITConfig, MaskGITPrior, PixelCNNConfig, PixelCNNPrior, TransformerConfig, TransformerPrior
 from vqgan.prior.maskgit_sampling import sample_maskgit
+from vqgan.prior.next_scale_input import VAR_SCALES, ResidualPyramidInput
 from vqgan.prior.sampling import sample_pixelcnn, sample_transformer
+from vqgan.prior.var import VARConfig, VARPrior
+from vqgan.prior.var_sampling import sample_var
 from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 
@@ -50,6 +54,38 @@ def build_models(sizes, device: torch.device) -> tuple[TransformerPrior, PixelCN
                          heads=sizes.heads, positions="rope2d")
     return (TransformerPrior(tcfg).to(device).eval(), PixelCNNPrior(pcfg).to(device).eval(),
             MaskGITPrior(mcfg).to(device).eval())
+
+
+VAR_INPUT_DIM = 32  # VAR's tokenizer: 32-dim codes
+
+
+def var_scales(grid: int) -> tuple[int, ...]:
+    """VAR's pyramid ending at `grid` (16: VAR's own ten scales)."""
+    return tuple(s for s in VAR_SCALES if s < grid) + (grid,)
+
+
+def build_var(sizes, device: torch.device, target_params: int) -> tuple[VARPrior, ResidualPyramidInput]:
+    """The next-scale prior at the GPT's dim and heads, its depth chosen for the nearest parameter count (its
+    AdaLN adds 6 dim^2 a block to the GPT's 12), and a random-codebook NextScaleInput with VAR's 3x3 phi."""
+    torch.manual_seed(0)
+
+    def config(depth: int) -> VARConfig:
+        return VARConfig(num_codes=sizes.num_codes, scales=var_scales(sizes.grid), input_dim=VAR_INPUT_DIM,
+                         num_classes=0, dim=sizes.dim, depth=depth, heads=sizes.heads)
+
+    depth = min(range(1, 2 * sizes.depth + 1),
+                key=lambda d: abs(count_parameters(VARPrior(config(d))) - target_params))
+    model = VARPrior(config(depth)).to(device).eval()
+    conv = torch.nn.Conv2d(VAR_INPUT_DIM, VAR_INPUT_DIM, 3, padding=1).to(device)
+    phi = lambda h, k: h * 0.5 + conv(h) * 0.5  # noqa: E731 - VAR's Phi with quant_resi 0.5, one shared conv
+    codebook = torch.randn(sizes.num_codes, VAR_INPUT_DIM, device=device)
+    return model, ResidualPyramidInput(codebook, model.config.scales, phi)
+
+
+def var_runs(var: VARPrior, inputs: ResidualPyramidInput) -> dict[str, Callable[[int, torch.Generator], torch.Tensor]]:
+    """The next-scale prior's row: one cached step per scale."""
+    steps = len(var.config.scales)
+    return {f"var, {steps} steps": lambda n, g: sample_var(var, inputs, n, generator=g)}
 
 
 def sampling_runs(transformer: TransformerPrior, pixelcnn: PixelCNNPrior | None, maskgit: MaskGITPrior,
@@ -108,14 +144,17 @@ def main() -> None:
     print(f"transformer: {tcfg}\n  {format_count(count_parameters(transformer))} parameters")
     print(f"pixelcnn: {pcfg}\n  {format_count(count_parameters(pixelcnn))} parameters")
     print(f"maskgit: {maskgit.config}\n  {format_count(count_parameters(maskgit))} parameters")
+    var, var_inputs = build_var(args, device, count_parameters(transformer))
+    print(f"var: {var.config}\n  {format_count(count_parameters(var))} parameters")
 
-    runs = sampling_runs(transformer, pixelcnn, maskgit, args.maskgit_steps)
+    runs = {**sampling_runs(transformer, pixelcnn, maskgit, args.maskgit_steps), **var_runs(var, var_inputs)}
+    drawn_per_grid = {name: var.config.seq_len if name.startswith("var") else tokens_per_grid for name in runs}
     rows, seconds, samples = [], {}, {}
     for batch in args.batch_sizes:
         for name, run in runs.items():
             secs, samples[name, batch] = time_sampling(run, batch, device)
             seconds[name, batch] = secs
-            rate = batch * tokens_per_grid / secs
+            rate = batch * drawn_per_grid[name] / secs
             rows.append((name, batch, secs, rate))
             print(f"  {name:24s} batch {batch:3d}: {secs:8.3f} s  {batch / secs:8.2f} grids/s  {rate:10.1f} tokens/s",
                   flush=True)
@@ -155,6 +194,12 @@ def main() -> None:
         f"- maskgit: the transformer's dim, depth, heads and rope2d, bidirectional, "
         f"{format_count(count_parameters(maskgit))} parameters; cosine schedule, choice temperature 4.5, "
         "one full forward per step.",
+        f"- var: next-scale prior, dim {var.config.dim}, depth {var.config.depth} (its AdaLN makes a block 1.5x "
+        f"the GPT's: depth chosen for the nearest parameter count), heads {var.config.heads}, "
+        f"{format_count(count_parameters(var))} parameters; scales {list(var.config.scales)}: "
+        f"{len(var.config.scales)} cached steps, each over one scale's tokens, drawing {var.config.seq_len} tokens "
+        f"for the {args.grid}x{args.grid} grid (its tokens/s counts all of them: compare grids/s). Inputs from a "
+        "random codebook (32-dim) and one 3x3 phi conv, as VAR's tokenizer; decoding not included.",
         "",
         *table,
         "",

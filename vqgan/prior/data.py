@@ -32,11 +32,26 @@ METADATA_FILE = "tokenizer.json"
 METADATA_KEYS = ("num_codes", "grid", "tokenizer_hash")
 
 
-def check_token_dataset(metadata: dict[str, Any], num_codes: int, grid: Sequence[int]) -> None:
-    """Raise DataError (a ValueError) when the dataset's codebook size or grid differ from the prior's config."""
+def check_token_dataset(metadata: dict[str, Any], num_codes: int, grid: Sequence[int],
+                        scales: Sequence[int] | None = None) -> None:
+    """Raise DataError (a ValueError) when the dataset's codebook size, grid or scale layout differ from the prior's.
+
+    `scales`: the next-scale prior's pyramid; None for the one-grid priors, which refuse a multi-scale set
+    (metadata "scales": more than one side, the layout of each row's sum(s * s) ids, coarse to fine).
+    """
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
         raise DataError(f"token dataset metadata lacks {missing}; expected keys {list(METADATA_KEYS)}")
+    data_scales = tuple(int(s) for s in metadata.get("scales") or ())
+    if scales is None and len(data_scales) > 1:
+        raise DataError(
+            f"token dataset holds multi-scale tokens (scales {list(data_scales)}, {sum(s * s for s in data_scales)} "
+            f"ids per image, tokenizer {metadata['tokenizer_hash']}): a one-grid prior cannot read them; "
+            "train the next-scale prior (prior: var) on them, or tokenize with a one-scale tokenizer"
+        )
+    if scales is not None and data_scales != tuple(scales):
+        raise DataError(f"token dataset has scales {list(data_scales) or 'none (one grid)'}, the next-scale prior "
+                        f"expects scales {list(scales)} (tokenizer {metadata['tokenizer_hash']})")
     problems = []
     if int(metadata["num_codes"]) != num_codes:
         problems.append(f"num_codes: dataset has K={metadata['num_codes']}, prior expects K={num_codes}")

@@ -14,6 +14,7 @@ from vqgan.folder_format import ExportError, load_state_dict_strict
 from vqgan.prior.maskgit import MaskGITConfig, MaskGITPrior
 from vqgan.prior.pixelcnn import PixelCNNConfig, PixelCNNPrior
 from vqgan.prior.transformer import TransformerConfig, TransformerPrior
+from vqgan.prior.var import VARConfig, VARPrior
 from vqgan.utils import replace_folder_atomically
 
 FORMAT_VERSION = 1
@@ -21,6 +22,7 @@ PRIORS: dict[str, tuple[type, type[nn.Module]]] = {
     "transformer": (TransformerConfig, TransformerPrior),
     "pixelcnn": (PixelCNNConfig, PixelCNNPrior),
     "maskgit": (MaskGITConfig, MaskGITPrior),
+    "var": (VARConfig, VARPrior),
 }
 
 
