@@ -278,7 +278,7 @@ def test_prior_samples_do_not_depend_on_the_number_of_processes(assets):
 
 
 def test_grids_enlarge_small_images_with_nearest_and_caption_them(tmp_path):
-    from vqgan.grids import render_image_grid
+    from vqgan.image_io import render_image_grid
 
     images = torch.rand(4, 3, 8, 8)
     canvas = render_image_grid(images, nrow=2, captions=["step 10\nPSNR 20.0 dB"] * 4)

@@ -78,7 +78,7 @@ def write_reference_images(data: DataConfig, folder: Path, batch_size: int = 64)
     from PIL import Image
 
     from vqgan.data import build_dataloader
-    from vqgan.metrics.sources import float_to_uint8
+    from vqgan.image_io import float_to_uint8
     from vqgan.utils import images_from_model_range
 
     folder.mkdir(parents=True, exist_ok=True)
