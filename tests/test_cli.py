@@ -19,7 +19,8 @@ from PIL import Image
 
 import vqgan
 from vqgan.autoencoder import VQModel, preset
-from vqgan.cli import errors, export, fid, reconstruct, sample, train
+from vqgan import errors
+from vqgan.cli import export, fid, reconstruct, sample, train
 from vqgan.export import ExportError, tokenizer_config
 from vqgan.metrics.fid import load_stats
 from vqgan.metrics.inception import write_random_inception_weights

@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from vqgan.cli.train import main as command  # one-line user errors, --debug for the traceback
+    # the same command as vqgan-train (one-line user errors, --debug for the traceback), without importing vqgan.cli
+    from vqgan.errors import run_training
 
-    raise SystemExit(command())
+    raise SystemExit(run_training(main))

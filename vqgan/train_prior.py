@@ -327,6 +327,7 @@ def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | Non
 
 
 if __name__ == "__main__":
-    from vqgan.cli.train_prior import main as command  # one-line user errors, --debug for the traceback
+    # the same command as vqgan-train-prior (one-line user errors, --debug for the traceback), without importing vqgan.cli
+    from vqgan.errors import run_training
 
-    raise SystemExit(command())
+    raise SystemExit(run_training(main))
