@@ -21,7 +21,7 @@ import vqgan
 from vqgan.autoencoder import VQModel, preset
 from vqgan import errors
 from vqgan.cli import export, fid, reconstruct, sample, train
-from vqgan.export import ExportError, tokenizer_config
+from vqgan.folder_format import ExportError, tokenizer_config
 from vqgan.metrics.fid import load_stats
 from vqgan.metrics.inception import write_random_inception_weights
 from vqgan.metrics.protocols import PROTOCOLS, preprocess

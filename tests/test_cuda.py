@@ -21,7 +21,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from vqgan.autoencoder import VQModel, preset
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.data import save_token_dataset
 from vqgan.quantize import QuantizerConfig, build_quantizer
 

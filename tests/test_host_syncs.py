@@ -55,7 +55,7 @@ def test_the_prior_trainers_step_has_no_host_sync(tmp_path, monkeypatch, prior):
     """The real loop of vqgan.train_prior, its model as the loop sets it up: every prior_step call counted."""
     import vqgan.train_prior as trainer
     from vqgan.autoencoder import VQModel, preset
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
 
     torch.manual_seed(0)
     tokenizer = tmp_path / "tokenizer"

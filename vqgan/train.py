@@ -27,10 +27,11 @@ from vqgan.autoencoder import VQModel, VQModelConfig, preset
 from vqgan.config import apply_overrides, from_dict, plain_value, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
-from vqgan.export import VQTokenizer, export_checkpoint
+from vqgan.export import export_checkpoint
 from vqgan.losses import LeCAM, LossConfig
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
+from vqgan.tokenizer import VQTokenizer
 from vqgan.train_utils import evaluate_reconstruction, log_image_grid
 from vqgan.training.batches import record_stream_position, resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules

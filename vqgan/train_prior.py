@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
 from vqgan.errors import DataError
-from vqgan.export import VQTokenizer
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, open_token_grids
 from vqgan.prior.generate import generate_images, save_samples
@@ -42,6 +41,7 @@ from vqgan.prior.tokenizer_identity import (
     tokenizer_record,
 )
 from vqgan.prior.transformer import TransformerConfig
+from vqgan.tokenizer import VQTokenizer
 from vqgan.training.batches import resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
