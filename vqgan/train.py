@@ -162,7 +162,7 @@ FROZEN_KEYS = ("model.", "discriminator.", "data.image_size")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_recipe_args(__doc__, argv)
+    args = parse_recipe_args("vqgan-train", __doc__, argv)
     config = load_train_config(args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train

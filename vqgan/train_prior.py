@@ -192,7 +192,7 @@ def loss_text(prior: str, bits: float, seq_len: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_recipe_args(__doc__, argv)
+    args = parse_recipe_args("vqgan-train-prior", __doc__, argv)
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
