@@ -19,7 +19,7 @@ from vqgan.prior import MaskGITConfig, MaskGITPrior, PixelCNNConfig, PixelCNNPri
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # train_step imports its neighbour `common`
 
-from train_step import RealStep  # noqa: E402 - vqgan/train.py's window composed of the same library calls
+from train_step import RealStep  # noqa: E402 - vqgan/train.py's own TokenizerStep on fixed images
 
 
 def test_tokenizer_window_reads_back_only_its_flags():
