@@ -17,8 +17,6 @@ PACKAGE = ROOT / "vqgan"
 KNOWN_CYCLES = {
     # PRESETS / preset() stay importable from vqgan.autoencoder through a lazy (PEP 562) re-export
     frozenset({"vqgan.autoencoder", "vqgan.presets"}),
-    # eval rows of a streamed hub dataset, imported inside a function; the data package is being split (issue 22)
-    frozenset({"vqgan.data", "vqgan.data.streaming"}),
 }
 
 
@@ -45,9 +43,9 @@ def _type_checking_block(node: ast.AST) -> bool:
 def imported_modules(name: str) -> set[str]:
     """The vqgan modules `name` imports anywhere in its file (inside functions too; not under TYPE_CHECKING).
 
-    `from vqgan import train` and `from vqgan.cli import fid` count as importing the submodule. The implicit
-    import of a module's parent package is not counted: Python runs a package's __init__ before its modules
-    without that being a cycle.
+    `from vqgan import train` and `from vqgan.data import shards` count as importing the submodule only. The
+    implicit import of a module's parent package is not counted: Python runs a package's __init__ before its
+    modules without that being a cycle.
     """
     path, is_package = MODULES[name]
     package = name if is_package else name.rpartition(".")[0]
@@ -66,8 +64,8 @@ def imported_modules(name: str) -> set[str]:
                 if child.level:  # relative: from . import x / from ..y import z
                     anchor = package.split(".")[: len(package.split(".")) - (child.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in child.names)
+                for alias in child.names:  # a submodule by name, or a name defined in `base`
+                    found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
             visit(child)
 
     visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
@@ -120,6 +118,7 @@ def test_the_graph_reader_sees_the_import_forms_the_package_uses():
     assert "vqgan.errors" in graph["vqgan.data.make_shards"]  # function-level `from vqgan.errors import ...`
     assert "vqgan.prior.tokenize" in graph["vqgan.train_prior"]
     assert "vqgan.export" not in graph["vqgan"]  # vqgan/__init__'s TYPE_CHECKING imports never run
+    assert "vqgan.data.shards" in graph["vqgan.data.sources"] and "vqgan.data" not in graph["vqgan.data.sources"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset("abc")]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
