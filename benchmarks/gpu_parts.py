@@ -286,7 +286,7 @@ def part_tokenization(scale: Scale) -> Section:
 
     from vqgan.autoencoder import VQModel, preset
     from vqgan.data import DataConfig
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
 
     device = torch.device(scale.device)
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ full generator + discriminator step runs from the first step. 256px random image
 `--batch-size`, bf16 autocast. LPIPS is on only when its VGG16 weights are found without a
 download (the output says which); the recipe's `train.require_lpips` is not enforced here.
 
-The step timed is `train_step.RealStep`: vqgan/train.py's window of one micro-batch composed of the
-same functions (WindowSnapshot, seed_window, generator_step, discriminator_step, the non-finite
+The step timed is `train_step.RealStep`: vqgan/train.py's own step (vqgan.training.tokenizer_step.TokenizerStep)
+on a window of one micro-batch (WindowSnapshot, seed_window, generator_step, discriminator_step, the non-finite
 and overflow flags and their one read, apply_updates with clipping, schedulers, EMA with
 ema_decay_at). Variants: eager or compiled in place (nn.Module.compile, as vqgan.training.run.compile_in_place), each in
 NCHW and in channels_last. Per variant, after `--warmup` steps (which include compilation):
@@ -192,7 +192,7 @@ def report(results: list[Result], config: TrainConfig, about: str, lpips_note: s
         f"perceptual x {loss.perceptual_weight}, codebook x {loss.codebook_weight}, {loss.disc_loss} GAN x "
         f"{loss.disc_weight} (adaptive weight {loss.use_adaptive_weight}); Adam lr {optim.lr} betas {optim.betas}, "
         f"grad clip {optim.grad_clip} / {config.disc_optim.grad_clip}. {lpips_note}.",
-        "- Step: train_step.RealStep (vqgan/train.py's window of one micro-batch from vqgan.training), "
+        "- Step: train_step.RealStep (vqgan/train.py's own TokenizerStep on a window of one micro-batch), "
         "torch.autocast(bfloat16), weights and Adam in fp32; compile = nn.Module.compile in place on G and D.",
         f"- Timing: {args.warmup} warm-up step(s) (compilation included), then {args.steps} steps between "
         "torch.cuda.synchronize calls. Peak memory: torch.cuda.max_memory_allocated over the timed steps "

@@ -64,7 +64,7 @@ def make_tokens(path: Path, tokenizer: Path, work: Path, repeats: int) -> str:
 
     from vqgan.autoencoder import VQModel, preset
     from vqgan.data import DataConfig
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
     from vqgan.prior.tokenize import tokenize_dataset
 
     described = f"the quickstart tokenizer {tokenizer}"

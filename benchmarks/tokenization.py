@@ -31,7 +31,7 @@ from data import CACHE, make_jpegs  # noqa: E402
 from vqgan.autoencoder import VQModel, preset  # noqa: E402
 from vqgan.data import DataConfig  # noqa: E402
 from vqgan.data.make_shards import make_shards  # noqa: E402
-from vqgan.export import VQTokenizer  # noqa: E402
+from vqgan.tokenizer import VQTokenizer  # noqa: E402
 from vqgan.prior.tokenize import tokenize_dataset  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 

@@ -10,14 +10,14 @@ Two steps per config:
   that turns the GAN and perceptual terms off (disc_start never reached, perceptual weight 0), then
   `apply_updates` without clipping. The same work as the figure quoted in the issue for
   taming-transformers (about 33 images/s at batch 16 on a 2-core machine).
-- `full`: the step vqgan/train.py runs once the discriminator is on, composed of the same library
-  functions (`RealStep`): one window of one micro-batch: WindowSnapshot, seed_window,
-  `vqgan.training.gan_step.generator_step` (L1 + codebook + adversarial term with the adaptive
-  weight), `discriminator_step`, the non-finite and overflow flags and their one read
+- `full`: the step vqgan/train.py runs once the discriminator is on: the loop's own object,
+  `vqgan.training.tokenizer_step.TokenizerStep` (through `RealStep`), on one window of one micro-batch:
+  WindowSnapshot, seed_window, `vqgan.training.gan_step.generator_step` (L1 + codebook + adversarial
+  term with the adaptive weight), `discriminator_step`, the non-finite and overflow flags and their one read
   (reduce_window_flags), `apply_updates` (gradient clipping, both Adams), the schedulers, the EMA
   update with ema_decay_at when the config has one. VQModel.check_finite is off, as in the loop. LPIPS is off: its VGG
-  weights are not available offline. Plain torch autocast and backward, no DDP wrapper (in one
-  process Accelerate's backward and autocast are these same calls).
+  weights are not available offline. One process: Accelerate's backward, torch autocast in the case's
+  dtype (the loop's accelerator.autocast() is the same call), no DDP wrapper.
 
 With `--taming`, taming-transformers' own generator (Encoder, Decoder, VectorQuantizer2 from the
 `taming-transformers-rom1504` wheel that setup.sh installs, glued as its VQModel by
@@ -70,18 +70,12 @@ from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator  # noqa:
 from vqgan.losses import LeCAM, LossConfig  # noqa: E402
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
 from vqgan.train import load_train_config  # noqa: E402
-from vqgan.training.ema import create_ema, ema_decay_at, update_ema  # noqa: E402
-from vqgan.training.gan_step import discriminator_step, generator_step  # noqa: E402
-from vqgan.training.rng import seed_window  # noqa: E402
+from vqgan.training.ema import create_ema  # noqa: E402
+from vqgan.training.gan_step import generator_step  # noqa: E402
 from vqgan.training.run import compile_in_place  # noqa: E402
-from vqgan.training.window import (  # noqa: E402
-    Update,
-    WindowSnapshot,
-    apply_updates,
-    in_place_params,
-    loss_scale,
-    reduce_window_flags,
-)
+from vqgan.training.state import TrainState  # noqa: E402
+from vqgan.training.tokenizer_step import TokenizerStep  # noqa: E402
+from vqgan.training.window import Update, apply_updates  # noqa: E402
 from vqgan.utils import atomic_write_text, count_parameters, format_count  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,66 +146,41 @@ def single_process(device_type: str) -> Accelerator:
 
 
 class RealStep:
-    """One window of one micro-batch of vqgan/train.py's loop, composed of the same library calls.
+    """One window of one micro-batch of vqgan/train.py's loop: the loop's own `TokenizerStep`, on fixed images.
 
     `model` and `discriminator` are on the device already (and in channels_last where asked); the
     EMA copy, the optimizers and schedulers are built here, then both modules are compiled in place
     when `compile` is set, in the loop's order. Call it once per optimizer step. A non-finite loss
-    raises rather than discarding the window: a benchmark must not time skipped steps.
+    stops it (max_nonfinite_in_row=1: a RuntimeError) rather than discarding the window: a benchmark
+    must not time skipped steps.
     """
 
     def __init__(self, model: VQModel, discriminator: nn.Module, loss: LossConfig, optim: OptimConfig,
                  disc_optim: OptimConfig, images: torch.Tensor, dtype: str, ema_decay: float = 0.0,
                  perceptual: nn.Module | None = None, compile: bool = False, total_steps: int = 10**6):
-        self.model, self.disc, self.loss, self.images, self.dtype = model, discriminator, loss, images, dtype
-        self.optim, self.disc_optim, self.ema_decay, self.perceptual = optim, disc_optim, ema_decay, perceptual
-        self.device = images.device
+        device = images.device
         model.check_finite = False  # as vqgan/train.py: the window's non-finite flag catches a NaN input
-        self.lecam = LeCAM(loss.lecam_decay).to(self.device) if loss.lecam_weight > 0 else None
+        lecam = LeCAM(loss.lecam_decay).to(device) if loss.lecam_weight > 0 else None
         self.opt_g, self.opt_d = build_optimizer(model, optim), build_optimizer(discriminator, disc_optim)
-        self.sched_g = build_scheduler(self.opt_g, optim, total_steps)
-        self.sched_d = build_scheduler(self.opt_d, disc_optim, max(1, total_steps - loss.disc_start))
+        sched_g = build_scheduler(self.opt_g, optim, total_steps)
+        sched_d = build_scheduler(self.opt_d, disc_optim, max(1, total_steps - loss.disc_start))
         self.ema = create_ema(model) if ema_decay > 0 else None
         if compile:
             compile_in_place(model, discriminator)
-        self.accelerator = single_process(self.device.type)
-        self.adaptive_fallback = torch.tensor(1.0, device=self.device)  # TrainState.adaptive_weight's default
-        self.step = 0
-        self.batches_seen = 0
+        # the one-process Accelerator of the loop, without its mixed precision: autocast is the case's dtype
+        self.step = TokenizerStep(single_process(device.type), model, discriminator, perceptual, lecam, self.opt_g,
+                                  self.opt_d, sched_g, sched_d, self.ema, loss, optim.grad_clip, disc_optim.grad_clip,
+                                  ema_decay, autocast=functools.partial(autocast, dtype, device))
+        self.state = TrainState()
+        self.images = images
+
+    def draw(self) -> tuple[torch.Tensor, bool]:
+        self.state.batches_seen += 1  # as resumable_batches counts each batch it yields
+        return self.images, False
 
     def __call__(self) -> None:
-        model, disc, step, device = self.model, self.disc, self.step, self.device
-        disc_on = step >= self.loss.disc_start
-        snapshot = WindowSnapshot([model, disc, self.lecam], in_place_params(model))
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        overflow = torch.zeros((), device=device)
-        seed_window(0, self.batches_seen, 0)
-        self.batches_seen += 1
-        with autocast(self.dtype, device):
-            gen = generator_step(model, model, disc, self.perceptual, self.images, self.loss, step,
-                                 accum_steps=1, loss_scale=loss_scale(None, device),
-                                 adaptive_fallback=self.adaptive_fallback)
-            nonfinite |= ~torch.isfinite(gen.loss)
-            overflow = overflow + gen.logs["adaptive_overflow"]
-            if disc_on:
-                d_total, _ = discriminator_step(disc, self.images, gen.fake, self.loss, step, self.lecam)
-                nonfinite |= ~torch.isfinite(d_total)
-        flags = reduce_window_flags(self.accelerator, nonfinite, overflow, False)  # the window's one host sync
-        if flags.nonfinite:
-            snapshot.restore()
-            raise RuntimeError(f"non-finite loss at benchmark step {step}")
-        updates = [Update(self.opt_g, list(model.parameters()), self.optim.grad_clip)]
-        if disc_on:
-            updates.append(Update(self.opt_d, list(disc.parameters()), self.disc_optim.grad_clip))
-        apply_updates(updates, None, skip=flags.overflow)  # fp32 and bf16 autocast need no GradScaler
-        self.sched_g.step()
-        if disc_on:
-            self.sched_d.step()
-            if self.loss.use_adaptive_weight and self.loss.disc_weight > 0:
-                self.adaptive_fallback = gen.logs["adaptive_weight"]
-        if self.ema is not None:
-            update_ema(self.ema, model, ema_decay_at(step, self.ema_decay))
-        self.step += 1
+        self.step(self.state, self.draw)  # None only for a discarded window, which max_nonfinite_in_row=1 forbids
+        self.state.step += 1
 
 
 def prepare_module(module: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
@@ -384,7 +353,7 @@ def run(args: argparse.Namespace) -> str:
            "peak RSS (VmHWM after /proc/self/clear_refs) in a child process with MALLOC_MMAP_THRESHOLD_=65536."),
         "- `gen`: vqgan.training.gan_step.generator_step with L1 + quantizer loss only (GAN and perceptual terms "
         "off), then apply_updates without clipping: forward, backward, Adam (the taming figure's work). `full`: "
-        "vqgan/train.py's window of one micro-batch from the same functions: WindowSnapshot, seed_window, "
+        "vqgan/train.py's own step (TokenizerStep) on one micro-batch: WindowSnapshot, seed_window, "
         "generator_step (L1 + codebook + adaptive-weighted hinge adversarial term), discriminator_step, the "
         "non-finite and overflow flags and their one read, apply_updates (grad clipping, both Adams), schedulers, EMA with "
         "ema_decay_at where the config has one. LPIPS is OFF in both (its VGG weights are not available offline).",

@@ -19,8 +19,9 @@ from PIL import Image
 
 import vqgan
 from vqgan.autoencoder import VQModel, preset
-from vqgan.cli import errors, export, fid, reconstruct, sample, train
-from vqgan.export import ExportError, tokenizer_config
+from vqgan import errors
+from vqgan.cli import export, fid, reconstruct, sample, train
+from vqgan.folder_format import ExportError, tokenizer_config
 from vqgan.metrics.fid import load_stats
 from vqgan.metrics.inception import write_random_inception_weights
 from vqgan.metrics.protocols import PROTOCOLS, preprocess
@@ -278,7 +279,7 @@ def test_prior_samples_do_not_depend_on_the_number_of_processes(assets):
 
 
 def test_grids_enlarge_small_images_with_nearest_and_caption_them(tmp_path):
-    from vqgan.grids import render_image_grid
+    from vqgan.image_io import render_image_grid
 
     images = torch.rand(4, 3, 8, 8)
     canvas = render_image_grid(images, nrow=2, captions=["step 10\nPSNR 20.0 dB"] * 4)

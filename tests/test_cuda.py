@@ -21,7 +21,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from vqgan.autoencoder import VQModel, preset
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.data import save_token_dataset
 from vqgan.quantize import QuantizerConfig, build_quantizer
 
@@ -76,9 +76,10 @@ class SyncTrap:
 
 def test_tokenizer_step_has_no_host_sync_besides_the_window_flag(tmp_path, monkeypatch):
     import vqgan.train as trainer
+    import vqgan.training.tokenizer_step as tokenizer_step  # the loop's step, which reads the window's flags
 
-    trap = SyncTrap(trainer.reduce_window_flags, armed_after=WARMUP_WINDOWS)
-    monkeypatch.setattr(trainer, "reduce_window_flags", trap)
+    trap = SyncTrap(tokenizer_step.reduce_window_flags, armed_after=WARMUP_WINDOWS)
+    monkeypatch.setattr(tokenizer_step, "reduce_window_flags", trap)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tokenizer_recipe(tmp_path / "run", "bf16", steps=WARMUP_WINDOWS + 2)))
     summary = trainer.main([str(path)])  # a sync inside the trapped step raises RuntimeError here, at its site

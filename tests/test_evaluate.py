@@ -18,7 +18,7 @@ from test_metrics import write_images
 from vqgan.autoencoder import VQModel, preset
 from vqgan.cli.export import read_evaluation
 from vqgan.data import DataConfig, build_dataset, decode_image
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.metrics.image_metrics import psnr
 from vqgan.metrics.inception import write_random_inception_weights
 from vqgan.metrics.protocols import center_crop_arr

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,15 @@ from safetensors.torch import load_file, save_file
 
 from vqgan.autoencoder import PRESETS, VQModel, VQModelConfig, preset
 from vqgan.config import from_dict, to_dict
-from vqgan.export import (
+from vqgan.export import export_checkpoint
+from vqgan.folder_format import (
     FORMAT_VERSION,
     ExportError,
-    VQTokenizer,
-    export_checkpoint,
     parse_tokenizer_config,
     tokenizer_config,
     write_folder_atomically,
 )
+from vqgan.tokenizer import VQTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -106,7 +107,7 @@ def test_load_in_fresh_process_gives_identical_ids_and_images_without_unpickling
         pickle.load = pickle.loads = torch.load = refuse
         pickle.Unpickler = refuse
         from safetensors.torch import load_file, save_file
-        from vqgan.export import VQTokenizer
+        from vqgan.tokenizer import VQTokenizer
         tok = VQTokenizer.from_pretrained({str(saved)!r})
         x = load_file({str(tmp_path / "inputs.safetensors")!r})["images"]
         ids = tok.encode(x)
@@ -505,3 +506,27 @@ def test_reconstruct_tool_names_a_corrupt_file(saved, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read image" in err and "broken.png" in err and "good.png" not in err
     assert not (tmp_path / "o").exists()  # every input is read before anything is written
+
+
+def test_names_moved_out_of_vqgan_export_warn_with_their_removal_version():
+    import vqgan
+    import vqgan.export as export
+    from vqgan import folder_format, model_card, tokenizer
+
+    major, minor = (int(part) for part in vqgan.__version__.split(".")[:2])
+    assert export.REMOVAL_VERSION == f"{major}.{minor + 1}"  # the next minor release drops them
+    with pytest.warns(DeprecationWarning, match=r"^vqgan\.export\.VQTokenizer is deprecated and will be removed in "
+                                                r"vqgan 0\.2: import it from vqgan\.tokenizer instead$") as record:
+        from vqgan.export import VQTokenizer as old
+    assert old is tokenizer.VQTokenizer and len(record) == 1
+    assert record[0].filename == __file__  # points at the import, not at vqgan/utils.py
+    homes = {"vqgan.folder_format": folder_format, "vqgan.model_card": model_card, "vqgan.tokenizer": tokenizer}
+    for name, home in export._MOVED.items():
+        with pytest.warns(DeprecationWarning, match=rf"vqgan\.export\.{name} .* import it from {home}"):
+            assert getattr(export, name) is getattr(homes[home], name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        export.not_a_name  # noqa: B018
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # export.py's own functions and vqgan.__all__ never warn
+        assert vqgan.export_checkpoint is export.export_checkpoint and callable(export.load_checkpoint)
+        assert vqgan.ExportError is folder_format.ExportError and vqgan.VQTokenizer is tokenizer.VQTokenizer

@@ -57,7 +57,7 @@ def test_evaluate_on_two_processes_gives_the_one_process_figures(tmp_path_factor
     import torch
 
     from vqgan.autoencoder import VQModel, preset
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
 
     root = tmp_path_factory.mktemp("evaluate_dist")
     torch.manual_seed(0)

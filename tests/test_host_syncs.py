@@ -19,7 +19,7 @@ from vqgan.prior import MaskGITConfig, MaskGITPrior, PixelCNNConfig, PixelCNNPri
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # train_step imports its neighbour `common`
 
-from train_step import RealStep  # noqa: E402 - vqgan/train.py's window composed of the same library calls
+from train_step import RealStep  # noqa: E402 - vqgan/train.py's own TokenizerStep on fixed images
 
 
 def test_tokenizer_window_reads_back_only_its_flags():
@@ -55,7 +55,7 @@ def test_the_prior_trainers_step_has_no_host_sync(tmp_path, monkeypatch, prior):
     """The real loop of vqgan.train_prior, its model as the loop sets it up: every prior_step call counted."""
     import vqgan.train_prior as trainer
     from vqgan.autoencoder import VQModel, preset
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
 
     torch.manual_seed(0)
     tokenizer = tmp_path / "tokenizer"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vqgan.autoencoder import VQModel, preset
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior import (
     MaskGITConfig,
     MaskGITPrior,

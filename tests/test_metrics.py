@@ -378,7 +378,7 @@ def test_plots_write_valid_pngs(tmp_path):
 
 
 def test_image_grid_layout_and_pixels(tmp_path):
-    from vqgan.metrics.plots import save_image_grid
+    from vqgan.image_io import save_image_grid
 
     images = torch.zeros(5, 3, 32, 32)
     images[1, 0] = 1.0  # the second tile is pure red

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from vqgan.autoencoder import VQModel, preset
 from vqgan.config import from_dict
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior import (
     PixelCNNConfig,
     PixelCNNPrior,

@@ -472,7 +472,7 @@ def test_every_kind_trains_resumes_exactly_exports_and_runs_in_onnx(kind, docume
 
     import yaml
 
-    from vqgan.export import VQTokenizer
+    from vqgan.tokenizer import VQTokenizer
     from vqgan.train import main
 
     def run(path, *overrides):

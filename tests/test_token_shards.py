@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from vqgan.autoencoder import VQModel, preset
 from vqgan.data import DataConfig, build_dataset, shards
 from vqgan.data.make_shards import make_shards
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.data import (
     METADATA_FILE,
     TokenGrids,

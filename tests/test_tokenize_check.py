@@ -4,8 +4,9 @@ import pytest
 
 from vqgan.autoencoder import VQModel, preset
 from vqgan.data import DataConfig
-from vqgan.export import WEIGHTS_NAME, VQTokenizer
+from vqgan.folder_format import WEIGHTS_NAME
 from vqgan.prior.tokenize import check_tokenizer_fits_prior
+from vqgan.tokenizer import VQTokenizer
 
 CIFAR = DataConfig(source="cifar10", image_column="img", label_column="label", image_size=32)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqgan.training.checkpoint import list_checkpoints, read_train_state
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.autoencoder import VQModel
 from vqgan.config import ConfigError
 from vqgan.train import load_train_config, main

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vqgan.autoencoder import VQModel, preset
-from vqgan.export import VQTokenizer
+from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.data import load_token_dataset, token_dataset_tensors
 from vqgan.prior.io import load_prior
 from vqgan.train_prior import main

@@ -19,7 +19,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgan.export import ONNX_FILES, VQTokenizer
+from vqgan.folder_format import ONNX_FILES
+from vqgan.tokenizer import VQTokenizer
 from vqgan.utils import images_from_model_range, images_to_model_range
 
 OPSET = 17

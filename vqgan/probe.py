@@ -78,7 +78,7 @@ def write_reference_images(data: DataConfig, folder: Path, batch_size: int = 64)
     from PIL import Image
 
     from vqgan.data import build_dataloader
-    from vqgan.metrics.sources import float_to_uint8
+    from vqgan.image_io import float_to_uint8
     from vqgan.utils import images_from_model_range
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def run_probe(tokenizer_path: str, data: DataConfig, out_dir: str | Path, probe:
     from accelerate import Accelerator, PartialState
 
     from vqgan import train_prior
-    from vqgan.cli import fid
+    from vqgan.metrics import fid_run
     from vqgan.prior.data import TokenGrids
     from vqgan.prior.io import load_prior
     from vqgan.prior.tokenize import tokenize_dataset
@@ -140,7 +140,7 @@ def run_probe(tokenizer_path: str, data: DataConfig, out_dir: str | Path, probe:
               "uniform_bits_per_token": math.log2(tokenizer.num_codes), "eval_grids": len(tokens),
               "probe": dataclasses.asdict(probe), "gfid": None, "notes": []}
     try:
-        scores = fid.run([str(reference), f"prior:{prior_dir}", "--num-samples", str(probe.num_samples),
+        scores = fid_run.run([str(reference), f"prior:{prior_dir}", "--num-samples", str(probe.num_samples),
                           "--seed", str(probe.seed), "--temperature", str(probe.temperature),
                           *(["--top-k", str(probe.top_k)] if probe.top_k else []), *fid_args])
         result["gfid"] = scores.get("fid")

@@ -27,17 +27,16 @@ from vqgan.autoencoder import VQModel, VQModelConfig, preset
 from vqgan.config import apply_overrides, from_dict, plain_value, read_recipe, to_dict
 from vqgan.data import DataConfig, build_dataloader
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
-from vqgan.export import VQTokenizer, export_checkpoint
+from vqgan.export import export_checkpoint
 from vqgan.losses import LeCAM, LossConfig
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.perceptual import LPIPS, MissingWeightsError
+from vqgan.tokenizer import VQTokenizer
 from vqgan.train_utils import evaluate_reconstruction, log_image_grid
 from vqgan.training.batches import record_stream_position, resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
-from vqgan.training.ema import create_ema, ema_decay_at, update_ema
-from vqgan.training.gan_step import discriminator_step, generator_step
+from vqgan.training.ema import create_ema
 from vqgan.training.init_from import check_architecture, load_initial_weights, merge_model_section
-from vqgan.training.rng import seed_window
 from vqgan.training.run import (
     build_accelerator,
     check_shared_filesystem,
@@ -49,17 +48,7 @@ from vqgan.training.run import (
     use_deterministic_kernels,
 )
 from vqgan.training.state import TrainState
-from vqgan.training.window import (
-    Update,
-    WindowSnapshot,
-    apply_updates,
-    discard_window,
-    gradient_sync,
-    in_place_params,
-    loss_scale,
-    reduce_window_flags,
-    settle_window,
-)
+from vqgan.training.tokenizer_step import TokenizerStep
 from vqgan.utils import atomic_write_text, count_parameters, format_count
 
 
@@ -161,7 +150,7 @@ FROZEN_KEYS = ("model.", "discriminator.", "data.image_size")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_recipe_args(__doc__, argv)
+    args = parse_recipe_args("vqgan-train", __doc__, argv)
     config = load_train_config(args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
@@ -227,7 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
     local_skipped: set[str] = set()  # unreadable files this process met since the last merge
-    adaptive_fallback = torch.tensor(state.adaptive_weight, device=device)  # see losses.adaptive_weight
+    train_step = TokenizerStep(accelerator, model, discriminator, perceptual, lecam, opt_g, opt_d, sched_g, sched_d,
+                               ema, config.loss, config.optim.grad_clip, config.disc_optim.grad_clip, loop.ema_decay,
+                               loop.grad_accum_steps, config.seed, loop.max_nonfinite_in_row,
+                               adaptive_fallback=state.adaptive_weight)
 
     def merge_skipped_files() -> None:
         """Fold this window's unreadable files of every process into the run's list (all processes call it)."""
@@ -246,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def checkpoint() -> Path:
         merge_skipped_files()
         record_stream_position(accelerator, train_loader, state)  # a streamed source restarts there on resume
-        state.adaptive_weight = float(adaptive_fallback)
+        state.adaptive_weight = float(train_step.adaptive_fallback)
         return save_checkpoint(accelerator, checkpoint_root, state, to_dict(config), write_checkpoint_files,
                                loop.keep_checkpoints)
 
@@ -254,58 +246,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     progress = tqdm(total=loop.steps, initial=state.step, disable=not (accelerator.is_main_process and loop.progress_bar),
                     desc="train")
     batches = resumable_batches(accelerator, train_loader, state)
-    scaler = accelerator.scaler
     window_start, window_images = time.perf_counter(), 0
     logs: dict[str, float] = {}
-    while state.step < loop.steps:
-        disc_on = state.step >= config.loss.disc_start
-        snapshot = WindowSnapshot([raw_model, raw_disc, lecam], in_place_params(raw_model))
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        overflow = torch.zeros((), device=device)
-        empty = False
-        for micro in range(loop.grad_accum_steps):
-            batch = next(batches)
-            seed_window(config.seed, state.batches_seen, accelerator.process_index)
-            local_skipped.update(batch["skipped"])
-            images = batch["images"]  # (B, 3, S, S) in [-1, 1]
-            if images.shape[0] == 0:
-                # every file of this batch was unreadable: a stand-in keeps the processes in step, and
-                # the window is discarded everywhere (flags below)
-                images, empty = torch.zeros(1, 3, size, size, device=device), True
-            if loop.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            window_images += images.shape[0] * accelerator.num_processes
-            sync = micro == loop.grad_accum_steps - 1
-            with gradient_sync(accelerator, sync, model, discriminator), accelerator.autocast():
-                gen = generator_step(model, raw_model, raw_disc, perceptual, images, config.loss, state.step,
-                                     accelerator.backward, loop.grad_accum_steps, loss_scale(scaler, device),
-                                     adaptive_fallback)
-                nonfinite |= ~torch.isfinite(gen.loss)
-                overflow = overflow + gen.logs["adaptive_overflow"]
-                step_logs = dict(gen.logs)
-                if disc_on:
-                    d_total, d_logs = discriminator_step(discriminator, images, gen.fake, config.loss, state.step,
-                                                         lecam, accelerator.backward, loop.grad_accum_steps)
-                    nonfinite |= ~torch.isfinite(d_total)
-                    step_logs.update(d_logs)
-        flags = reduce_window_flags(accelerator, nonfinite, overflow, empty)  # the window's one host sync
-        if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
-            snapshot.restore()  # the codebook, usage counters, LeCAM and BatchNorm statistics as before the window
-            discard_window([opt_g, opt_d], scaler, back_off=flags.nonfinite)
-            continue
 
-        # --- one optimizer step ---
-        updates = [Update(opt_g, list(raw_model.parameters()), config.optim.grad_clip)]
-        if disc_on:
-            updates.append(Update(opt_d, list(raw_disc.parameters()), config.disc_optim.grad_clip))
-        norms = apply_updates(updates, scaler, skip=flags.overflow)
-        sched_g.step()
-        if disc_on:
-            sched_d.step()
-            if config.loss.use_adaptive_weight and config.loss.disc_weight > 0:
-                adaptive_fallback = gen.logs["adaptive_weight"]  # the last finite one (fallback itself on overflow)
-        if ema is not None:
-            update_ema(ema, raw_model, ema_decay_at(state.step, loop.ema_decay))
+    def draw() -> tuple[torch.Tensor, bool]:
+        """The next micro-batch: (images (B, 3, S, S) in [-1, 1], whether they stand in for an empty batch)."""
+        nonlocal window_images
+        batch = next(batches)
+        local_skipped.update(batch["skipped"])
+        images, empty = batch["images"], False
+        if images.shape[0] == 0:
+            # every file of this batch was unreadable: a stand-in keeps the processes in step, and
+            # the window is discarded everywhere (the window's flags)
+            images, empty = torch.zeros(1, 3, size, size, device=device), True
+        if loop.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        window_images += images.shape[0] * accelerator.num_processes
+        return images, empty
+
+    while state.step < loop.steps:
+        result = train_step(state, draw)  # a window of micro-batches and one optimizer step (or a discarded window)
+        if result is None:
+            continue
         state.step += 1
         state.images_seen += effective_batch
         step = state.step
@@ -314,11 +276,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if due(step, loop.log_every, loop.steps):
             elapsed = time.perf_counter() - window_start
             merge_skipped_files()  # distinct files, however many epochs drew them
-            logs = {k: float(v) for k, v in step_logs.items()}
-            for name, norm in zip(("grad_norm_g", "grad_norm_d"), norms):
+            logs = {k: float(v) for k, v in result.logs.items()}
+            for name, norm in zip(("grad_norm_g", "grad_norm_d"), result.grad_norms):
                 if norm is not None:
                     logs[name] = float(norm)
-            logs.update(perplexity=float(gen.quant.perplexity), usage=float(gen.quant.usage), lr=sched_g.get_last_lr()[0],
+            quant = result.gen.quant
+            logs.update(perplexity=float(quant.perplexity), usage=float(quant.usage), lr=sched_g.get_last_lr()[0],
                         images_per_s=window_images / max(elapsed, 1e-9), skipped_files=len(state.skipped_files),
                         nonfinite_steps=state.nonfinite_steps, empty_batches=state.empty_batches,
                         overflow_steps=state.overflow_steps)
@@ -327,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  ppl=f"{logs['perplexity']:.0f}")
             window_start, window_images = time.perf_counter(), 0
         if accelerator.is_main_process and due(step, loop.image_every, loop.steps):
-            log_image_grid(accelerator, images, raw_model.to_images(gen.decoded), run_dir / "images", step)
+            reconstructions = raw_model.to_images(result.gen.decoded)
+            log_image_grid(accelerator, result.images, reconstructions, run_dir / "images", step)
         if due(step, loop.eval_every, loop.steps):
             state.eval = evaluate_reconstruction(ema if ema is not None else raw_model, eval_loader, accelerator)
             accelerator.log({f"eval/{k}": v for k, v in state.eval.items()}, step=step)
@@ -363,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from vqgan.cli.train import main as command  # one-line user errors, --debug for the traceback
+    # the same command as vqgan-train (one-line user errors, --debug for the traceback), without importing vqgan.cli
+    from vqgan.errors import run_training
 
-    raise SystemExit(command())
+    raise SystemExit(run_training(main))

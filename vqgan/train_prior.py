@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from vqgan.config import ConfigError, load_config, to_dict
 from vqgan.data import DataConfig
 from vqgan.errors import DataError
-from vqgan.export import VQTokenizer
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, open_token_grids
 from vqgan.prior.generate import generate_images, save_samples
@@ -42,6 +41,7 @@ from vqgan.prior.tokenizer_identity import (
     tokenizer_record,
 )
 from vqgan.prior.transformer import TransformerConfig
+from vqgan.tokenizer import VQTokenizer
 from vqgan.training.batches import resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
 from vqgan.training.ema import create_ema, ema_decay_at, update_ema
@@ -192,7 +192,7 @@ def loss_text(prior: str, bits: float, seq_len: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_recipe_args(__doc__, argv)
+    args = parse_recipe_args("vqgan-train-prior", __doc__, argv)
     config = load_config(PriorTrainConfig, args.recipe, args.overrides)
     run_dir = Path(config.run_dir)
     loop = config.train
@@ -327,6 +327,7 @@ def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | Non
 
 
 if __name__ == "__main__":
-    from vqgan.cli.train_prior import main as command  # one-line user errors, --debug for the traceback
+    # the same command as vqgan-train-prior (one-line user errors, --debug for the traceback), without importing vqgan.cli
+    from vqgan.errors import run_training
 
-    raise SystemExit(command())
+    raise SystemExit(run_training(main))

@@ -1,8 +1,10 @@
-"""Pieces of the tokenizer loop that are not the loop: image grids and the held-out evaluation."""
+"""Pieces of the tokenizer loop that are not the loop: the logged reconstruction grid and the held-out evaluation.
+
+Writing images is vqgan/image_io.py's (sampling uses it too); this module only chooses what the loop shows.
+"""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +12,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 
-from vqgan.grids import render_image_grid, save_image_grid
+from vqgan.image_io import render_image_grid, save_image_grid
 from vqgan.metrics.image_metrics import capped_psnr, psnr
 from vqgan.quantize_utils import perplexity
-from vqgan.utils import atomic_write_bytes, images_from_model_range
-
-
-def save_png_atomic(images01: torch.Tensor, path: Path, nrow: int) -> None:
-    buffer = io.BytesIO()
-    save_image(images01, buffer, format="png", nrow=nrow, padding=2)
-    atomic_write_bytes(path, buffer.getvalue())
+from vqgan.utils import images_from_model_range
 
 
 def log_image_grid(accelerator: Accelerator, inputs: torch.Tensor, reconstructions: torch.Tensor, folder: Path,

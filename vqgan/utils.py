@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -113,3 +115,20 @@ def to_numpy(array) -> "np.ndarray":
         array = array.detach().cpu()
         return (array.float() if array.is_floating_point() else array).numpy()
     return np.asarray(array)
+
+
+def deprecated_names(module: str, moved: dict[str, str], removal: str) -> Callable[[str], Any]:
+    """A module `__getattr__` (PEP 562) for names that moved: `moved[name]` is their module now.
+
+    Importing one still works but warns (DeprecationWarning) with the new module and the version that drops it;
+    the module itself must not bind these names, or the lookup never reaches here.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} is deprecated and will be removed in vqgan {removal}: "
+                      f"import it from {moved[name]} instead", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moved[name]), name)
+
+    return __getattr__

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 
 
 def run(argv: list[str] | None = None) -> int:

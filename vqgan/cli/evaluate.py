@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
-from vqgan.cli.fid import default_num_workers, metric_processes
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 from vqgan.config import apply_overrides, from_dict
 from vqgan.data import DataConfig
-from vqgan.grids import save_image_grid
+from vqgan.image_io import save_image_grid
+from vqgan.metrics.fid_run import default_num_workers, metric_processes
 from vqgan.metrics.image_metrics import psnr
 from vqgan.metrics.inception import FEATURE_LAYERS, load_inception
 from vqgan.metrics.plots import plot_code_usage, plot_codebook_tsne

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 from vqgan.export import export_checkpoint
 from vqgan.tokenizer import VQTokenizer
 

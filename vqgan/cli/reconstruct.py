@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 from vqgan.tokenizer import VQTokenizer
 
 GAP = 4  # white pixels between original and reconstruction

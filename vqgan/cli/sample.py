@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 from vqgan.prior.generate import generate_images, save_samples
 from vqgan.prior.pretrained import from_pretrained as load_prior
 from vqgan.prior.sampling import SamplingConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from vqgan.cli.errors import CommandParser, add_debug_flag, run_command
+from vqgan.errors import CommandParser, add_debug_flag, run_command
 from vqgan.config import apply_overrides, from_dict
 from vqgan.data import DataConfig
 from vqgan.prior.tokenize import ENCODE_PRECISIONS, tokenize_dataset

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from vqgan.cli.errors import TRAINING_USER_ERRORS, run_command
-from vqgan.config import ConfigError
+from vqgan.errors import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> int:
+    def run(args: list[str]):
         from vqgan import train  # here, so that --help and import errors stay cheap
 
-        train.main(args)
-        return 0
+        return train.main(args)
 
-    return run_command(body, argv, (ConfigError, *TRAINING_USER_ERRORS))
+    return run_training(run, argv)
 
 
 if __name__ == "__main__":

@@ -242,14 +242,14 @@ def shard_pattern(out: Path, options: ShardOptions, written: list[dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vqgan.cli.errors import USER_ERRORS, run_command
+    from vqgan.errors import USER_ERRORS, run_command
 
     # FileExistsError: a non-empty output folder. Anything else (a RuntimeError included) is a bug: traceback.
     return run_command(_command, argv, (*USER_ERRORS, FileExistsError))
 
 
 def _command(argv: list[str]) -> int:
-    from vqgan.cli.errors import CommandParser, add_debug_flag
+    from vqgan.errors import CommandParser, add_debug_flag
 
     parser = CommandParser(prog="vqgan-make-shards", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""Codebook and sample figures as PNG files: t-SNE of the codes, code-usage curve, captioned image grids."""
+"""Codebook figures as PNG files: t-SNE of the codes, the code-usage curve (image grids: vqgan/image_io.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vqgan.grids import save_image_grid  # noqa: E402,F401  (re-export: grids moved to vqgan/grids.py)
 from vqgan.utils import to_numpy  # noqa: E402
 
 MAX_TSNE_CODES = 4096  # t-SNE is O(K log K) per iteration at best; beyond this it takes minutes on a CPU

@@ -16,11 +16,12 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from vqgan.image_io import float_to_uint8
 from vqgan.metrics.fid import FeatureStatistics, fid_from_stats
 from vqgan.metrics.image_metrics import capped_psnr, ssim
 from vqgan.metrics.inception import InceptionFeatures
 from vqgan.metrics.protocols import check_protocol
-from vqgan.metrics.sources import ImageSource, exact_float32, float_to_uint8, gather_in_order, reconstruct
+from vqgan.metrics.sources import ImageSource, exact_float32, gather_in_order, reconstruct
 from vqgan.quantize_utils import perplexity
 from vqgan.utils import is_distributed
 

@@ -33,6 +33,7 @@ from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vqgan.image_io import float_to_uint8
 from vqgan.metrics.fid import FIDStats, accumulate_features
 from vqgan.metrics.inception import InceptionFeatures
 from vqgan.metrics.protocols import preprocess
@@ -80,11 +81,6 @@ def pil_to_uint8(image: Image.Image, protocol: str = "native") -> torch.Tensor:
     """PIL image -> (3, H, W) uint8 after the protocol's preprocessing, as torch-fidelity's TransformPILtoRGBTensor."""
     array = np.asarray(preprocess(image, protocol))  # (H, W, 3)
     return rearrange(torch.from_numpy(array.copy()), "h w c -> c h w").contiguous()
-
-
-def float_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats (B, 3, H, W) -> uint8 rounded as torchvision's save_image, so in-memory FID = FID of PNGs."""
-    return (images.clamp(0.0, 1.0) * 255.0 + 0.5).floor().to(torch.uint8)
 
 
 class FolderImages(Dataset):

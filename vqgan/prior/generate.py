@@ -11,8 +11,7 @@ from torch import nn
 
 from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.sampling import SamplingConfig, generator_from_config, sample_prior
-from vqgan.grids import save_image_grid
-from vqgan.train_utils import save_png_atomic
+from vqgan.image_io import save_image_grid, save_png_atomic
 
 
 def check_prior_matches_tokenizer(prior: nn.Module, tokenizer: VQTokenizer) -> None:

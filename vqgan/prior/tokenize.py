@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from vqgan.data import BadItem, DataConfig, source_of
 from vqgan.errors import DataError
-from vqgan.export import CONFIG_NAME, ExportError, VQTokenizer, read_tokenizer_config
+from vqgan.folder_format import CONFIG_NAME, ExportError, read_tokenizer_config
 from vqgan.prior.data import finish_token_shards, write_token_shard
 from vqgan.prior.tokenizer_identity import (  # noqa: F401  (tokenizer_fingerprint: re-exported)
     TokenizerIdentity,
     resolve_tokenizer,
     tokenizer_fingerprint,
 )
+from vqgan.tokenizer import VQTokenizer
 from vqgan.utils import images_from_model_range, replace_folder_atomically
 
 

@@ -17,9 +17,14 @@ from vqgan.config import save_config, to_dict
 from vqgan.training.checkpoint import register_portable_weights
 
 
-def parse_recipe_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """`RECIPE.yaml [key=value ...]`, the command line of both training entry points."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_recipe_args(prog: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """`RECIPE.yaml [key=value ...]`, the command line of both training entry points; `prog` names the command.
+
+    (argparse's default, the script's file name, would say train.py under `python -m`, a console command and
+    tools/train.py alike.)
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     return parser.parse_args(argv)

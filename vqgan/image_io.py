@@ -1,8 +1,12 @@
-"""Readable image grids: small images enlarged (nearest neighbour, pixels stay visible) and captioned.
+"""Images to files: PNGs written atomically, readable captioned grids, [0, 1] floats <-> uint8 pixels.
 
-A 32 px reconstruction grid written at its own size is a few dozen pixels wide; here every cell is at least
-`min_cell` pixels, enlarged by an integer factor so that no pixel is blurred, with a caption (step, PSNR)
-below it. PIL only: training and sampling import this without matplotlib.
+Training (reconstruction grids), sampling (sample PNGs) and evaluation (reference folders, FID inputs) all write
+images through here, so this module sits below all of them and imports none of them.
+
+Grids: small images enlarged (nearest neighbour, pixels stay visible) and captioned. A 32 px reconstruction
+grid written at its own size is a few dozen pixels wide; here every cell is at least `min_cell` pixels,
+enlarged by an integer factor so that no pixel is blurred, with a caption (step, PSNR) below it. PIL and
+torchvision only: training and sampling import this without matplotlib.
 """
 
 from __future__ import annotations
@@ -14,10 +18,23 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import save_image
 
 from vqgan.utils import atomic_write_bytes, to_numpy
 
 MIN_CELL = 96  # pixels: the smallest readable cell on a screen
+
+
+def float_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats (B, 3, H, W) -> uint8 rounded as torchvision's save_image, so in-memory FID = FID of PNGs."""
+    return (images.clamp(0.0, 1.0) * 255.0 + 0.5).floor().to(torch.uint8)
+
+
+def save_png_atomic(images01: torch.Tensor, path: Path, nrow: int) -> None:
+    """Images (N, 3, H, W) in [0, 1] -> one PNG at `path` (torchvision's grid, `nrow` per row), written atomically."""
+    buffer = io.BytesIO()
+    save_image(images01, buffer, format="png", nrow=nrow, padding=2)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def render_image_grid(images, nrow: int = 8, captions: list[str] | None = None, min_cell: int = MIN_CELL,

@@ -1,0 +1,13 @@
+"""`vqgan-reconstruct` from a checkout: python tools/reconstruct.py ... (see --help).
+
+Several processes: accelerate launch [--multi_gpu --num_processes N] tools/reconstruct.py ...
+"""
+
+import os
+import sys
+
+# This folder leaves the import path: tools/tokenize.py (or evaluate.py) would shadow the module of that name.
+sys.path = [entry for entry in sys.path if os.path.abspath(entry) != os.path.dirname(os.path.abspath(__file__))]
+from vqgan.cli.reconstruct import main  # noqa: E402
+
+sys.exit(main())
