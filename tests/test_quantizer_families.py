@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vqgan.config import ConfigError, from_dict, to_dict
-from vqgan.quantize import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
+from vqgan.quantizers import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
 from vqgan.quantizers.ibq import softmax_logits_gradient
 from vqgan.quantizers.lfq import lfq_entropy_terms
 

@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 
 from vqgan.grids import render_image_grid, save_image_grid
 from vqgan.metrics.image_metrics import capped_psnr, psnr
-from vqgan.quantize_utils import perplexity
+from vqgan.quantizers.entropy import perplexity
 from vqgan.utils import atomic_write_bytes, images_from_model_range
 
 

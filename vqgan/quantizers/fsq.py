@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqgan.quantize_utils import histogram, perplexity
 from vqgan.quantizers.base import Quantizer, QuantizerOutput
-from vqgan.quantizers.config import QuantizerConfig
+from vqgan.quantizers.config import KindConfig, QuantizerConfig
+from vqgan.quantizers.entropy import histogram, perplexity
 from vqgan.quantizers.product_entropy import channel_log_probs, product_entropy_terms
 
 # tanh's range is widened by this much so that its end points round to the outer levels, and the even-L
@@ -27,9 +27,9 @@ _BOUND_EPS = 1e-3
 class FiniteScalarQuantizer(Quantizer):
     """Bounded rounding to fixed levels per channel; index = mixed-radix digits (first channel lowest)."""
 
-    def __init__(self, config: QuantizerConfig):
+    def __init__(self, config: QuantizerConfig | KindConfig):
         super().__init__(config)
-        levels = torch.tensor(config.levels, dtype=torch.long)  # (c,)
+        levels = torch.tensor(self.config.levels, dtype=torch.long)  # (c,)
         # Non-persistent: derived from the config, not state (a checkpoint stays the same across versions).
         self.register_buffer("levels", levels, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0),

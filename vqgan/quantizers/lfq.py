@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqgan.quantize_utils import histogram, perplexity
 from vqgan.quantizers.base import Quantizer, QuantizerOutput
-from vqgan.quantizers.config import QuantizerConfig
+from vqgan.quantizers.config import KindConfig, QuantizerConfig
+from vqgan.quantizers.entropy import histogram, perplexity
+from vqgan.quantizers.estimators import straight_through
 from vqgan.quantizers.product_entropy import channel_log_probs, product_entropy_terms
 
 
@@ -31,9 +32,9 @@ def lfq_entropy_terms(h: Tensor, temperature: float, group_bits: int, chunk_size
 class LookupFreeQuantizer(Quantizer):
     """Sign bits with a straight-through gradient, a commitment term and the factorised entropy penalty."""
 
-    def __init__(self, config: QuantizerConfig):
+    def __init__(self, config: QuantizerConfig | KindConfig):
         super().__init__(config)
-        bits = config.bits
+        bits = self.config.bits
         self.register_buffer("powers", 2 ** torch.arange(bits), persistent=False)  # (b,) channel i = bit i
 
     def search(self, h: Tensor) -> Tensor:
@@ -51,7 +52,7 @@ class LookupFreeQuantizer(Quantizer):
             finite = torch.isfinite(h.detach()).all(dim=1)
             indices = self.search(torch.where(finite.unsqueeze(1), h.detach(), 0.0))  # (N,)
             h_q = self.codes_for(indices)  # (N, b) in {-1, +1}
-            out = h_q + (h - h.detach())  # value exactly h_q, identity gradient
+            out = straight_through(h, h_q)  # value exactly h_q, identity gradient
             commitment_loss = F.mse_loss(h, h_q)
             zero = h.new_zeros(())
             entropy_loss = zero

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from vqgan.quantize_utils import chunk_rows, distribution_entropy
+from vqgan.quantizers.entropy import distribution_entropy
+from vqgan.quantizers.search import chunk_rows
 
 
 def channel_log_probs(h: Tensor, level_values: list[Tensor], temperature: float) -> list[Tensor]:
