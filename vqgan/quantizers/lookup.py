@@ -61,8 +61,9 @@ class CodebookQuantizer(Quantizer):
         self._initialized = bool(self.initialized)
 
     def training_state_names(self) -> tuple[str, ...]:
-        restart = self.restart.training_state if self.restart is not None else ()
-        return super().training_state_names() + self.codebook_store.training_state + restart + ("initialized",)
+        # restart_rows is declared with restarts off too: a file written with them on reads the same
+        return (super().training_state_names() + self.codebook_store.training_state + DeadCodeRestart.training_state
+                + ("initialized",))
 
     @torch.no_grad()
     def reset_training_state(self) -> None:
