@@ -68,3 +68,56 @@ def test_training_trace_is_bitwise_the_recorded_one(variant):
                                              f"new {sorted(set(got) - set(recorded))}")
     for key in sorted(recorded):
         assert_bitwise(got[key], recorded[key], f"{variant} {key}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_v1_folder_saved_again_holds_no_training_state_and_decodes_the_same(variant, tmp_path):
+    from vqgan.folder_format import FORMAT_VERSION
+    from vqgan.training_state import training_state_keys
+
+    folder = FIXTURES / "folders_v1" / variant
+    expected = load_file(str(folder / "expected.safetensors"))
+    old_keys = set(load_file(str(folder / "model.safetensors")))
+    tokenizer = VQTokenizer.from_pretrained(folder)
+    declared = training_state_keys(tokenizer.model)
+    assert declared & old_keys  # format 1 carried the quantizer's training state
+    again = tokenizer.save_pretrained(tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["format_version"] == FORMAT_VERSION == 2
+    assert set(load_file(str(again / "model.safetensors"))) == old_keys - declared
+    reloaded = VQTokenizer.from_pretrained(again)
+    assert_bitwise(reloaded.encode(expected["images"]), expected["ids"], f"{variant} encode after re-save")
+    assert_bitwise(reloaded.decode(expected["ids"]), expected["decoded"], f"{variant} decode after re-save")
+
+
+@pytest.mark.parametrize("variant", ["vq_ema", "vq", "ibq"])
+def test_a_folder_as_init_from_trains_on_from_its_codes(variant):
+    """init_from loads a folder's weights; the training state it lacks is derived from them: the codebook
+    counts as initialised (no k-means over trained codes), EMA sums restart at the codes."""
+    from vqgan.autoencoder import VQModel
+    from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
+    from vqgan.folder_format import read_tokenizer_config
+    from vqgan.training.init_from import load_initial_weights
+
+    folder = FIXTURES / "folders_v1" / variant
+    config, _ = read_tokenizer_config(folder / "config.json")
+    folder_weights = load_file(str(folder / "model.safetensors"))
+    torch.manual_seed(1)
+    model = VQModel(config)
+    disc_config = DiscriminatorConfig(base_channels=8, num_layers=1)
+    load_initial_weights(model, PatchDiscriminator(disc_config), config, disc_config, str(folder))
+    q = model.quantizer
+    assert bool(q.initialized) and q._initialized and int(q.step) == 0
+    assert torch.equal(q.weight, folder_weights["quantizer.weight"])
+    if config.quantizer.use_ema:
+        assert torch.equal(q.cluster_size, torch.ones_like(q.cluster_size)) and torch.equal(q.embed_avg, q.weight)
+    model.train()
+    before = q.codebook.detach().clone()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    # one training forward: no k-means rewrites trained codes, and (the folder's codes being young at step 0)
+    # no restart either; an EMA codebook takes one small step from its codes, not from fresh random sums
+    after = q.codebook.detach()
+    if config.quantizer.use_ema:
+        assert float((after - before).norm()) < 0.1 * float(before.norm())
+    else:
+        assert torch.equal(after, before)
