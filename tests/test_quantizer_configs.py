@@ -86,7 +86,8 @@ def test_every_recipe_and_v1_folder_config_maps_to_its_kinds_config():
 
 
 def test_no_kind_subclasses_another():
-    from vqgan.quantizers import FiniteScalarQuantizer, IndexBackpropQuantizer, LookupFreeQuantizer, SimVQ, VectorQuantizer
+    from vqgan.quantizers import (FiniteScalarQuantizer, IndexBackpropQuantizer, LookupFreeQuantizer, SimVQ,
+                                  VectorQuantizer)
 
     classes = [VectorQuantizer, IndexBackpropQuantizer, SimVQ, FiniteScalarQuantizer, LookupFreeQuantizer]
     for cls in classes:

@@ -7,9 +7,11 @@ with one index per position, and rebuilds the quantized tensor from indices (`in
     fsq    bounded per-channel rounding to fixed levels                        fsq.py
     lfq    sign bits, entropy penalty                                          lfq.py
 
-The lookup kinds (vq, simvq, ibq) are a few lines each that choose a codebook (codebooks.py), a search
-(search.py), a gradient estimator (estimators.py) and maintenance (maintenance.py) for the one forward
-in lookup.py. Helpers: kmeans.py, entropy.py, product_entropy.py, distributed.py. Each kind has its
+Each kind is a few lines that choose its parts. The lookup kinds (vq, simvq, ibq): a stored codebook
+(codebooks.py), a search (search.py), a gradient estimator (estimators.py) and maintenance
+(maintenance.py), for the one forward in lookup.py. The grid kinds (fsq, lfq): an implicit grid
+(grids.py) and a commitment weight, for the forward in rounding.py. Helpers: kmeans.py, entropy.py,
+product_entropy.py, distributed.py. Each kind has its
 config (config.py: VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig); QuantizerConfig is the flat
 form recipes and config.json spell, mapped to the kind's by `kind_config`.
 """

@@ -4,7 +4,7 @@
     EMACodebook       codes = EMA of the encoder outputs assigned to each code (no gradient)
     MappedCodebook    codes = frozen random matrix times one learned linear map (SimVQ)
 
-(The implicit grids of fsq and lfq are in fsq.py and lfq.py: they have no codes to store.)
+(The implicit grids of fsq and lfq, which store no codes, are in grids.py.)
 
 A codebook's tensors are registered on the quantizer module it serves, under the names checkpoints and
 tokenizer folders have always used (`quantizer.weight`, `quantizer.embed_avg`, `quantizer.code_map.*`),

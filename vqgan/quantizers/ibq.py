@@ -14,7 +14,7 @@ from torch import Tensor
 
 from vqgan.quantizers.codebooks import LearnedCodebook, uniform_codes
 from vqgan.quantizers.config import IBQConfig, KindConfig, QuantizerConfig, as_kind_config
-from vqgan.quantizers.estimators import IBQEstimator, softmax_logits_gradient  # noqa: F401 (re-export)
+from vqgan.quantizers.estimators import IBQEstimator
 from vqgan.quantizers.lookup import CodebookQuantizer
 from vqgan.quantizers.maintenance import DeadCodeRestart, SyncInit, at_live_norm
 from vqgan.quantizers.search import InnerProductSearch
