@@ -41,6 +41,16 @@ def test_each_kind_config_holds_exactly_the_fields_its_kind_reads():
     assert "fsq_levels" in {f.name for f in dataclasses.fields(KIND_CONFIGS["fsq"])}
 
 
+def test_each_kind_config_has_the_flat_configs_defaults_and_types():
+    """The fields are declared in both forms; they must not drift apart."""
+    flat = {f.name: f for f in dataclasses.fields(QuantizerConfig)}
+    for kind in KINDS:
+        for field in dataclasses.fields(KIND_CONFIGS[kind]):
+            if field.name != "kind":
+                assert (field.default, field.type) == (flat[field.name].default, flat[field.name].type), (kind, field.name)
+        assert KIND_CONFIGS[kind]().flat() == QuantizerConfig(kind=kind)
+
+
 def test_the_flat_config_maps_to_the_kinds_config_and_back():
     flat = QuantizerConfig(kind="vq", num_codes=64, dim=8, use_ema=True, dead_code_threshold=0, rotation_trick=True)
     kind = flat.kind_config

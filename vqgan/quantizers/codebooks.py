@@ -35,7 +35,38 @@ def masked_write(target: Tensor, rows: Tensor, new: Tensor, mask: Tensor | None)
     target[rows] = new
 
 
-class LearnedCodebook:
+class _StoredCodes:
+    """What every stored codebook shares: optional cosine codes (ViT-VQGAN), no training state, no running
+    update, no own learning rate; each codebook overrides what it does differently."""
+
+    training_state: tuple[str, ...] = ()
+
+    def __init__(self, l2_normalize: bool = False):
+        self.l2_normalize = l2_normalize
+
+    def unit(self, x: Tensor) -> Tensor:
+        """(n, c) rows on the unit sphere for cosine codes, unchanged otherwise."""
+        return F.normalize(x, dim=1) if self.l2_normalize else x
+
+    def prepare_rows(self, h: Tensor) -> Tensor:
+        """(N, c) -> (N, c): the encoder rows in the space of the codes."""
+        return self.unit(h)
+
+    def training_codes(self, q: nn.Module) -> Tensor:
+        """The codes a training forward searches and differentiates through."""
+        return self.codes(q)
+
+    def update(self, q: nn.Module, h: Tensor, indices: Tensor, counts: Tensor) -> None:
+        """After a training forward's assignments (codebooks the gradient moves: nothing to do)."""
+
+    def param_lr_scales(self) -> dict[str, float]:
+        return {}
+
+    def reset_training_state(self, q: nn.Module) -> None:
+        """Training state consistent with loaded codes (none by default)."""
+
+
+class LearnedCodebook(_StoredCodes):
     """Codes learned by the gradient of the codebook loss: `weight` (K, c), a Parameter.
 
     affine_lr: Huh et al. 2023 (arXiv:2305.08842), codes (1 + s) * e + b with s, b learned at affine_lr
@@ -44,10 +75,9 @@ class LearnedCodebook:
 
     writable = True  # k-means and restarts may write codes
     gradient_trained = True  # the codebook loss term moves it
-    training_state: tuple[str, ...] = ()
 
     def __init__(self, l2_normalize: bool = False, affine_lr: float | None = None):
-        self.l2_normalize = l2_normalize
+        super().__init__(l2_normalize)
         self.affine_lr = affine_lr
 
     def register(self, q: nn.Module, initial: Tensor) -> None:
@@ -62,15 +92,7 @@ class LearnedCodebook:
         codes = q.weight
         if self.affine_lr is not None:
             codes = (1.0 + q.affine_scale) * codes + q.affine_shift
-        return F.normalize(codes, dim=1) if self.l2_normalize else codes
-
-    def training_codes(self, q: nn.Module) -> Tensor:
-        """The codes a training forward searches and differentiates through."""
-        return self.codes(q)
-
-    def prepare_rows(self, h: Tensor) -> Tensor:
-        """(N, c) -> (N, c): rows on the codes' sphere for cosine codes, unchanged otherwise."""
-        return F.normalize(h, dim=1) if self.l2_normalize else h
+        return self.unit(codes)
 
     def write(self, q: nn.Module, rows: Tensor, vectors: Tensor, mask: Tensor | None) -> None:
         """Make the effective codes at `rows` equal `vectors` (inverting the affine map)."""
@@ -78,9 +100,6 @@ class LearnedCodebook:
         if self.affine_lr is not None:
             raw = (vectors - q.affine_shift) / (1.0 + q.affine_scale)
         masked_write(q.weight, rows, raw, mask)
-
-    def update(self, q: nn.Module, h: Tensor, indices: Tensor, counts: Tensor) -> None:
-        """After a training forward's assignments; the gradient does this codebook's update."""
 
     def shared_tensors(self, q: nn.Module) -> list[Tensor]:
         """Tensors every rank must hold identically."""
@@ -92,11 +111,8 @@ class LearnedCodebook:
             return {}
         return {"affine_scale": self.affine_lr, "affine_shift": self.affine_lr}
 
-    def reset_training_state(self, q: nn.Module) -> None:
-        """Training state consistent with loaded codes (nothing to derive here)."""
 
-
-class EMACodebook:
+class EMACodebook(_StoredCodes):
     """Codes as an EMA of the encoder outputs assigned to them, Laplace-smoothed counts (VQ-VAE appendix
     A.1, VQ-VAE-2 arXiv:1906.00446). `weight` is a buffer; `cluster_size` (K,) and `embed_avg` (K, c) are
     the running sums only training reads."""
@@ -106,7 +122,8 @@ class EMACodebook:
     training_state = ("cluster_size", "embed_avg")
 
     def __init__(self, decay: float, epsilon: float, l2_normalize: bool = False):
-        self.decay, self.epsilon, self.l2_normalize = decay, epsilon, l2_normalize
+        super().__init__(l2_normalize)
+        self.decay, self.epsilon = decay, epsilon
 
     def register(self, q: nn.Module, initial: Tensor) -> None:
         q.register_buffer("weight", initial)
@@ -115,13 +132,10 @@ class EMACodebook:
         q.register_buffer("embed_avg", initial.clone())
 
     def codes(self, q: nn.Module) -> Tensor:
-        return F.normalize(q.weight, dim=1) if self.l2_normalize else q.weight
+        return self.unit(q.weight)
 
     def training_codes(self, q: nn.Module) -> Tensor:
         return self.codes(q).clone()  # NOTE: `update` writes the buffer in place after the search
-
-    def prepare_rows(self, h: Tensor) -> Tensor:
-        return F.normalize(h, dim=1) if self.l2_normalize else h
 
     def write(self, q: nn.Module, rows: Tensor, vectors: Tensor, mask: Tensor | None) -> None:
         masked_write(q.weight, rows, vectors, mask)
@@ -144,9 +158,6 @@ class EMACodebook:
     def shared_tensors(self, q: nn.Module) -> list[Tensor]:
         return [q.weight, q.cluster_size, q.embed_avg]
 
-    def param_lr_scales(self) -> dict[str, float]:
-        return {}
-
     @torch.no_grad()
     def reset_training_state(self, q: nn.Module) -> None:
         """Running sums for loaded codes: each code as if it had absorbed one vector at its position."""
@@ -154,46 +165,26 @@ class EMACodebook:
         q.embed_avg.copy_(q.weight)
 
 
-class MappedCodebook:
+class MappedCodebook(_StoredCodes):
     """SimVQ (Zhu et al. 2024, arXiv:2411.02038): codes = C W^T + b, C (K, c) a frozen random buffer
     `weight`, W and b one learned linear map `code_map`. Every step's codebook gradient moves W, so every
     code moves with it and none is left dead: nothing is ever written into C."""
 
     writable = False  # no k-means, no restarts: the map does their job
     gradient_trained = True
-    training_state: tuple[str, ...] = ()
-
-    def __init__(self, l2_normalize: bool = False):
-        self.l2_normalize = l2_normalize
 
     def register(self, q: nn.Module, initial: Tensor) -> None:
         q.register_buffer("weight", initial)  # frozen: no gradient, no optimizer state
         q.code_map = nn.Linear(initial.shape[1], initial.shape[1])
 
     def codes(self, q: nn.Module) -> Tensor:
-        codes = q.code_map(q.weight)
-        return F.normalize(codes, dim=1) if self.l2_normalize else codes
-
-    def training_codes(self, q: nn.Module) -> Tensor:
-        return self.codes(q)
-
-    def prepare_rows(self, h: Tensor) -> Tensor:
-        return F.normalize(h, dim=1) if self.l2_normalize else h
+        return self.unit(q.code_map(q.weight))
 
     def write(self, q: nn.Module, rows: Tensor, vectors: Tensor, mask: Tensor | None) -> None:
         raise RuntimeError("a SimVQ codebook is frozen codes times a learned map; no code is written directly")
 
-    def update(self, q: nn.Module, h: Tensor, indices: Tensor, counts: Tensor) -> None:
-        """The map learns by gradient."""
-
     def shared_tensors(self, q: nn.Module) -> list[Tensor]:
         return [q.weight, q.code_map.weight, q.code_map.bias]
-
-    def param_lr_scales(self) -> dict[str, float]:
-        return {}
-
-    def reset_training_state(self, q: nn.Module) -> None:
-        """No training state."""
 
 
 Codebook = LearnedCodebook | EMACodebook | MappedCodebook
