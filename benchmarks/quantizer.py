@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from common import describe_machine, peak_extra_bytes, timed  # noqa: E402
-from vqgan.quantize import QuantizerConfig, VectorQuantizer, build_quantizer  # noqa: E402
-from vqgan.quantize_utils import chunk_rows  # noqa: E402
+from vqgan.quantizers import QuantizerConfig, VectorQuantizer, build_quantizer  # noqa: E402
+from vqgan.quantizers.search import chunk_rows  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 
 CASES = ((256, 1024), (256, 16384), (8, 16384))  # (D, K)

@@ -44,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import describe_machine  # noqa: E402
 from vqgan.data import EMBEDDED_EVAL, EMBEDDED_PHOTOS  # noqa: E402
 from vqgan.optim import OptimConfig, build_optimizer, build_scheduler  # noqa: E402
-from vqgan.quantize import QuantizerConfig, build_quantizer  # noqa: E402
-from vqgan.quantize_utils import histogram, kmeans_plus_plus, nearest_code, perplexity  # noqa: E402
+from vqgan.quantizers import QuantizerConfig, build_quantizer  # noqa: E402
+from vqgan.quantizers.entropy import histogram, perplexity  # noqa: E402
+from vqgan.quantizers.kmeans import kmeans_plus_plus  # noqa: E402
+from vqgan.quantizers.search import nearest_code  # noqa: E402
 from vqgan.utils import atomic_write_text  # noqa: E402
 
 PATCH = 4

@@ -24,7 +24,7 @@ from vqgan.autoencoder import (
     preset,
 )
 from vqgan.config import ConfigError, from_dict, to_dict
-from vqgan.quantize import QuantizerConfig, VectorQuantizer
+from vqgan.quantizers import QuantizerConfig, VectorQuantizer
 from vqgan.utils import count_parameters
 
 EXPECTED_FACTOR = {

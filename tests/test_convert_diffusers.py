@@ -16,7 +16,7 @@ from vqgan.autoencoder import AutoencoderConfig, VQModelConfig
 from vqgan.cli.convert import main as convert_main
 from vqgan.cli.export import main as export_main
 from vqgan.convert import ConversionError, load_source
-from vqgan.quantize import QuantizerConfig
+from vqgan.quantizers import QuantizerConfig
 from vqgan.tokenizer import VQTokenizer
 
 diffusers = pytest.importorskip("diffusers", reason="the [interop] extra (setup.sh installs it)")

@@ -23,7 +23,7 @@ from accelerate.state import AcceleratorState, GradientState
 from vqgan.autoencoder import VQModel, preset
 from vqgan.tokenizer import VQTokenizer
 from vqgan.prior.data import save_token_dataset
-from vqgan.quantize import QuantizerConfig, build_quantizer
+from vqgan.quantizers import QuantizerConfig, build_quantizer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vqgan.autoencoder import VQModel, preset
 from vqgan.discriminator import DiscriminatorConfig, PatchDiscriminator
 from vqgan.losses import LeCAM, LossConfig, discriminator_loss, generator_loss
-from vqgan.quantize import QuantizerConfig, VectorQuantizer
+from vqgan.quantizers import QuantizerConfig, VectorQuantizer
 from vqgan.training.checkpoint import check_config_drift, config_changes, is_frozen
 from vqgan.training.ema import ema_decay_at
 from vqgan.training.gan_step import discriminator_step, generator_step

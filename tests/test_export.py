@@ -32,6 +32,7 @@ from vqgan.folder_format import (
     write_folder_atomically,
 )
 from vqgan.tokenizer import VQTokenizer
+from vqgan.training_state import training_state_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -301,15 +302,27 @@ def test_missing_and_unexpected_weights_are_refused(saved, tmp_path):
         VQTokenizer.from_pretrained(folder)
 
 
-def test_a_folder_saved_before_restart_rows_existed_still_loads(tokenizer, saved, tmp_path):
-    """Folders exported before VQ kept restart candidates lack that training-only buffer; nothing else may be missing."""
+def test_a_folder_holds_no_training_state_and_format_1_folders_with_it_still_load(tokenizer, saved, tmp_path):
+    """model.safetensors holds what inference reads (issue 22): the quantizer's declared training state (usage
+    counters, restart candidates, the k-means flag) stays out. Format-1 folders carried it (and those from
+    before restart_rows existed lacked that one); they load to the same ids, their training state unread."""
     state = load_file(str(saved / "model.safetensors"))
-    assert "quantizer.restart_rows" in state  # the default quantizer restarts dead codes
-    folder = copy_folder(saved, tmp_path / "old")
-    save_file({k: v for k, v in state.items() if k != "quantizer.restart_rows"}, str(folder / "model.safetensors"))
-    old = VQTokenizer.from_pretrained(folder)
+    declared = training_state_keys(tokenizer.model)
+    assert {f"quantizer.{name}" for name in ("step", "seen", "last_used_step", "last_seen", "restart_rows",
+                                              "initialized")} <= declared
+    assert set(state) == set(tokenizer.model.state_dict()) - declared
     x = images(4)
-    assert torch.equal(old.encode(x), tokenizer.encode(x))
+    full = {k: v.clone() for k, v in tokenizer.model.state_dict().items()}
+    full["quantizer.step"] = torch.tensor(123)  # a run's counters: never read back
+    full["quantizer.last_used_step"] = torch.arange(256)
+    for name, weights in (("v1", full), ("v1_before_restart_rows", {k: v for k, v in full.items()
+                                                                     if k != "quantizer.restart_rows"})):
+        folder = copy_folder(saved, tmp_path / name)
+        save_file(weights, str(folder / "model.safetensors"))
+        edit_config(folder, lambda d: d.update(format_version=1))
+        old = VQTokenizer.from_pretrained(folder)
+        assert torch.equal(old.encode(x), tokenizer.encode(x))
+        assert int(old.model.quantizer.step) == 0 and not bool(old.model.quantizer.initialized)
 
 
 def test_missing_folders_and_files(tmp_path):

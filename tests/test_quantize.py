@@ -11,8 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vqgan.config import from_dict
-from vqgan.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
-from vqgan.quantize_utils import chunk_rows, kmeans, nearest_code, perplexity
+from vqgan.quantizers import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from vqgan.quantizers.entropy import perplexity
+from vqgan.quantizers.kmeans import kmeans
+from vqgan.quantizers.search import chunk_rows, nearest_code
 
 
 def brute_force_indices(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vqgan.config import ConfigError, from_dict, to_dict
-from vqgan.quantize import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
-from vqgan.quantizers.ibq import softmax_logits_gradient
+from vqgan.quantizers import KINDS, QuantizerConfig, QuantizerOutput, build_quantizer
+from vqgan.quantizers.estimators import softmax_logits_gradient
 from vqgan.quantizers.lfq import lfq_entropy_terms
 
 
@@ -137,7 +137,7 @@ def test_fsq_entropy_terms_equal_a_brute_force_over_the_whole_grid(group_bits):
                                         entropy_temperature=0.7, entropy_group_bits=group_bits))
     torch.manual_seed(0)
     bounded = q.prepare_rows(torch.randn(30, 4))  # (N, 4) in level units
-    entropy = q._entropy(bounded)
+    entropy = q.entropy(bounded)
     grids = [[float(d - level // 2) for d in range(level)] for level in levels]
     groups = [range(0, 4)] if group_bits == 9 else [range(0, 1), range(1, 3), range(3, 4)]  # 4 | 3 x 2 | 5 codes
     per_sample, batch = brute_force_entropies(bounded, 0.7, groups, grids)

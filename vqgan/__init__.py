@@ -29,9 +29,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "VQModel": ("vqgan.autoencoder", "VQModel"),
     "VQModelConfig": ("vqgan.autoencoder", "VQModelConfig"),
     "AutoencoderConfig": ("vqgan.autoencoder", "AutoencoderConfig"),
-    "VectorQuantizer": ("vqgan.quantize", "VectorQuantizer"),
-    "QuantizerConfig": ("vqgan.quantize", "QuantizerConfig"),
-    "QuantizerOutput": ("vqgan.quantize", "QuantizerOutput"),
+    "VectorQuantizer": ("vqgan.quantizers", "VectorQuantizer"),
+    "QuantizerConfig": ("vqgan.quantizers", "QuantizerConfig"),
+    "QuantizerOutput": ("vqgan.quantizers", "QuantizerOutput"),
     "PRESETS": ("vqgan.presets", "PRESETS"),
     "preset": ("vqgan.presets", "preset"),
     # priors
@@ -82,5 +82,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from vqgan.prior.pretrained import push_to_hub as push_prior_to_hub
     from vqgan.prior.sampling import SamplingConfig, sample_prior
     from vqgan.prior.transformer import TransformerConfig, TransformerPrior
-    from vqgan.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+    from vqgan.quantizers import QuantizerConfig, QuantizerOutput, VectorQuantizer
     from vqgan.tokenizer import VQTokenizer, load_tokenizer

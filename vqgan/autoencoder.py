@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vqgan.config import ConfigError
-from vqgan.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
+from vqgan.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 from vqgan.utils import count_parameters, format_count
 
 NUM_BINS = 256  # categorical output: one logit per 8-bit intensity value

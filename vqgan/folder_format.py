@@ -17,10 +17,13 @@ from torch import nn
 
 from vqgan.autoencoder import VQModelConfig
 from vqgan.config import from_dict, to_dict
+from vqgan.training_state import inference_state, with_own_training_state
 from vqgan.utils import replace_folder_atomically
 
 FORMAT_NAME = "vqgan-tokenizer"
-FORMAT_VERSION = 1  # bump when config.json or the weight names change meaning; older readers refuse newer files
+# Bump when config.json or the weight names change meaning; older readers refuse newer files.
+# 2: model.safetensors holds only what inference reads (no quantizer training state); 1 still loads.
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
@@ -117,14 +120,13 @@ def check_pickle(path: Path) -> None:
         )
 
 
-# Buffers that only training reads (VQ's restart candidates, drawn after each lookup). Folders written
-# before they existed lack them; such a folder loads with the freshly built values, which inference never uses.
-TRAINING_ONLY_BUFFERS = ("restart_rows",)
-
-
 def load_state_dict_strict(module: nn.Module, path: str | Path) -> None:
-    """Load safetensors weights into `module`; missing, unexpected or misshapen tensors are an error
-    (except a missing TRAINING_ONLY_BUFFERS entry)."""
+    """Load safetensors weights into `module`; missing, unexpected or misshapen tensors are an error.
+
+    Training-only state (declared by each module, vqgan/training_state.py) is never read from the file:
+    folders of format 1 written before this version carry it, newer ones do not; either way the module
+    keeps its own.
+    """
     path = Path(path)
     check_pickle(path)
     try:
@@ -132,9 +134,7 @@ def load_state_dict_strict(module: nn.Module, path: str | Path) -> None:
     except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
         raise ExportError(f"{path}: not a readable safetensors file ({err})") from None
     own = module.state_dict()
-    for key in set(own) - set(state):
-        if key.rsplit(".", 1)[-1] in TRAINING_ONLY_BUFFERS:
-            state[key] = own[key]
+    state = with_own_training_state(module, state)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -153,8 +153,9 @@ def load_state_dict_strict(module: nn.Module, path: str | Path) -> None:
 
 
 def save_state_dict(module: nn.Module, path: str | Path) -> None:
-    """`module`'s weights as contiguous CPU tensors in one safetensors file, tagged with the format."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    """`module`'s inference weights (its training-only state left out) as contiguous CPU tensors in one
+    safetensors file, tagged with the format."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in inference_state(module).items()}
     save_file(state, str(path), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
 
 

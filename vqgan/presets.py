@@ -11,7 +11,7 @@ from typing import Callable
 
 from vqgan.autoencoder import AutoencoderConfig, VQModelConfig
 from vqgan.config import ConfigError
-from vqgan.quantize import QuantizerConfig
+from vqgan.quantizers import QuantizerConfig
 
 
 def tiny() -> VQModelConfig:

@@ -1,18 +1,19 @@
-"""The quantizer layer: kept as the import path of the config, the output type and the VQ layer.
+"""Deprecated import path: the quantizers live in `vqgan.quantizers` (one module per concern).
 
-The kinds live in `vqgan/quantizers/` (one module each); `build_quantizer(config)` picks one by
-`config.kind`.
+`from vqgan.quantize import X` still works for every name it held, with a DeprecationWarning;
+this module will be removed in vqgan 0.2.
 """
 
-from vqgan.quantizers import (  # noqa: F401
-    KINDS,
-    FiniteScalarQuantizer,
-    IndexBackpropQuantizer,
-    LookupFreeQuantizer,
-    Quantizer,
-    QuantizerConfig,
-    QuantizerOutput,
-    SimVQ,
-    VectorQuantizer,
-    build_quantizer,
-)
+from __future__ import annotations
+
+from vqgan.utils import deprecated_names
+
+REMOVAL_VERSION = "0.2"
+_MOVED = {name: "vqgan.quantizers" for name in (
+    "KINDS", "FiniteScalarQuantizer", "IndexBackpropQuantizer", "LookupFreeQuantizer", "Quantizer",
+    "QuantizerConfig", "QuantizerOutput", "SimVQ", "VectorQuantizer", "build_quantizer")}
+__getattr__ = deprecated_names(__name__, _MOVED, REMOVAL_VERSION)
+
+
+def __dir__() -> list[str]:
+    return sorted(_MOVED)

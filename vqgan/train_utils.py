@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from vqgan.image_io import render_image_grid, save_image_grid
 from vqgan.metrics.image_metrics import capped_psnr, psnr
-from vqgan.quantize_utils import perplexity
+from vqgan.quantizers.entropy import perplexity
 from vqgan.utils import images_from_model_range
 
 

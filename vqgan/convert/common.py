@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vqgan.autoencoder import AutoencoderConfig, VQModelConfig
 from vqgan.convert.keymap import ConversionError, Layout
-from vqgan.quantize import QuantizerConfig
+from vqgan.quantizers import QuantizerConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from vqgan.metrics.image_metrics import capped_psnr, ssim
 from vqgan.metrics.inception import InceptionFeatures
 from vqgan.metrics.protocols import check_protocol
 from vqgan.metrics.sources import ImageSource, exact_float32, gather_in_order, reconstruct
-from vqgan.quantize_utils import perplexity
+from vqgan.quantizers.entropy import perplexity
 from vqgan.utils import is_distributed
 
 NUM_EXAMPLES = 8  # image pairs kept for the reconstruction grid

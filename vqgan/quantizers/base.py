@@ -1,6 +1,8 @@
 """What every quantizer kind shares: the output type, the input layout, the usage statistics and
 `indices_to_codes`. A kind supplies its search (`search`), its codes (`codes_for`) and `forward`.
 
+The usage counters (step, seen, last_used_step, last_seen) are training state: `training_state_names`.
+
 z (B, D, H, W) or (N, D) -> project_in (D -> c, when the kind's lookup width differs) -> one index
 per position -> codes (N, c) -> project_out (c -> D). Distances, codes and losses are fp32 under
 autocast: bf16 rounding flips nearest codes.
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgan.quantize_utils import all_reduce_sum, histogram
-from vqgan.quantizers.config import QuantizerConfig
+from vqgan.quantizers.config import KindConfig, QuantizerConfig, as_kind_config
+from vqgan.quantizers.distributed import all_reduce_sum
+from vqgan.quantizers.entropy import histogram
 
 
 @dataclass
@@ -34,8 +37,9 @@ class QuantizerOutput:
 class Quantizer(nn.Module):
     """Base of every kind: layout checks, projections, usage counters, indices_to_codes and lookup."""
 
-    def __init__(self, config: QuantizerConfig):
+    def __init__(self, config: QuantizerConfig | KindConfig):
         super().__init__()
+        config = as_kind_config(config)
         self.config = config
         width = config.lookup_dim
         projected = width != config.dim
@@ -68,6 +72,15 @@ class Quantizer(nn.Module):
 
     def refresh_flags(self) -> None:
         """Re-read Python mirrors of buffers after a load or a restore (none by default)."""
+
+    def training_state_names(self) -> tuple[str, ...]:
+        """Buffers (names in this module) that only training reads: kept in training checkpoints, left out
+        of tokenizer folders (vqgan/training_state.py). Here the usage counters; kinds add their own."""
+        return ("step", "seen", "last_used_step", "last_seen")
+
+    def reset_training_state(self) -> None:
+        """Make training state that a tokenizer folder does not hold consistent with its loaded weights
+        (before training goes on from them); the counters start fresh as built."""
 
     def param_lr_scales(self) -> dict[str, float]:
         """Parameter name (in this module) -> lr multiplier, for parameters that learn at their own rate."""

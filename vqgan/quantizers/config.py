@@ -1,15 +1,16 @@
-"""QuantizerConfig: one frozen dataclass for every quantizer kind, so that a recipe, the CLI
-(`model.quantizer.kind=lfq`) and an exported config.json describe any of them with the same keys.
-
-Fields that a kind does not read are refused when set away from their default (see `_UNUSED`), so
-a setting never silently does nothing.
+"""Quantizer configs: one frozen dataclass per kind (VQConfig, SimVQConfig, IBQConfig, FSQConfig,
+LFQConfig) holding only the fields that kind reads, under the `kind` discriminator; and QuantizerConfig,
+the flat form that recipes, the CLI (`model.quantizer.kind=lfq`), checkpoints and tokenizer folders'
+config.json have always written. `QuantizerConfig.kind_config` maps the flat form to the kind's config;
+a field the kind does not read must stay at its default (or a value older configs carry, below), so a
+setting never silently does nothing.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, Union
 
 # vq: nearest code (VQ-VAE). fsq: finite scalar quantization (Mentzer et al. 2023, arXiv:2309.15505).
 # lfq: lookup-free sign bits (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737). ibq: index backpropagation
@@ -23,22 +24,23 @@ Kind = Literal["vq", "fsq", "lfq", "ibq", "simvq"]
 # power-of-two K keeps num_codes equal to the checkpoint's vocabulary for priors and token files).
 _FSQ_TOP_LEVEL = 8
 
-VQ_ONLY = ("use_ema", "ema_decay", "ema_epsilon", "kmeans_init", "kmeans_iters", "dead_code_threshold",
-           "affine_reparam", "affine_lr", "sync_nu", "rotation_trick", "restart_from", "l2_normalize")
-# A field a kind does not read may hold, beside its default: "off" for the two VQ remedies that default on
-# (kmeans_init, dead_code_threshold), and the entropy group size that every config written before the
-# default became 14 carries (9), so those folders and checkpoints still load.
+# A field a kind does not read may hold, beside its default, the value older configs carry: "off" for the
+# two VQ remedies that default on (kmeans_init, dead_code_threshold), and the entropy group size that every
+# config written before the default became 14 carries (9), so those folders and checkpoints still load.
 _ALSO_ACCEPTED_UNREAD = {"kmeans_init": False, "dead_code_threshold": 0, "entropy_group_bits": 9}
-# Fields each kind does not read (must stay at their defaults or the value above).
-_UNUSED: dict[str, tuple[str, ...]] = {
-    "vq": ("fsq_levels", "entropy_group_bits"),
-    "simvq": ("fsq_levels", "entropy_group_bits", "use_ema", "ema_decay", "ema_epsilon", "kmeans_init",
-              "kmeans_iters", "dead_code_threshold", "affine_reparam", "affine_lr", "sync_nu", "restart_from"),
-    "ibq": ("fsq_levels", "entropy_group_bits", "use_ema", "ema_decay", "ema_epsilon", "affine_reparam",
-            "affine_lr", "sync_nu", "rotation_trick", "l2_normalize"),
-    "fsq": VQ_ONLY + ("beta", "code_dim"),
-    "lfq": VQ_ONLY + ("fsq_levels", "code_dim"),
-}
+
+
+def default_fsq_levels(num_codes: int) -> tuple[int, ...]:
+    """8s and 4s whose product is num_codes (a power of two)."""
+    bits = num_codes.bit_length() - 1
+    if bits == 1:
+        return (2,)
+    out = [_FSQ_TOP_LEVEL] * (bits // 3)
+    if bits % 3 == 1:  # 8 * 2 would leave a 2-level channel: 4 * 4 holds the same 4 bits
+        out[-1:] = [4, 4]
+    elif bits % 3 == 2:
+        out.append(4)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class QuantizerConfig:
             if not ok:
                 raise ValueError(f"QuantizerConfig: {message}")
         defaults = {f.name: f.default for f in fields(self)}
-        stray = [name for name in _UNUSED[self.kind]
+        stray = [name for name in unread_fields(self.kind)
                  if getattr(self, name) not in (defaults[name], _ALSO_ACCEPTED_UNREAD.get(name, defaults[name]))]
         if stray:
             raise ValueError(
@@ -166,17 +168,7 @@ class QuantizerConfig:
     @property
     def levels(self) -> tuple[int, ...]:
         """FSQ levels per channel: fsq_levels, or 8s and 4s whose product is num_codes."""
-        if self.fsq_levels:
-            return self.fsq_levels
-        bits = self.num_codes.bit_length() - 1
-        if bits == 1:
-            return (2,)
-        out = [_FSQ_TOP_LEVEL] * (bits // 3)
-        if bits % 3 == 1:  # 8 * 2 would leave a 2-level channel: 4 * 4 holds the same 4 bits
-            out[-1:] = [4, 4]
-        elif bits % 3 == 2:
-            out.append(4)
-        return tuple(out)
+        return self.fsq_levels or default_fsq_levels(self.num_codes)
 
     @property
     def bits(self) -> int:
@@ -191,3 +183,124 @@ class QuantizerConfig:
         if self.kind == "lfq":
             return self.bits
         return self.dim if self.code_dim is None else self.code_dim
+
+    @property
+    def kind_config(self) -> KindConfig:
+        """The config of this kind: the fields it reads (the others are at their defaults, checked above)."""
+        cls = KIND_CONFIGS[self.kind]
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# One config per kind. Each validates itself through the flat form (the same checks and messages).
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """Fields every kind reads; see QuantizerConfig for what each means."""
+
+    num_codes: int = 1024
+    dim: int = 256
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 1.0
+    entropy_anneal_steps: int = 0
+    entropy_anneal_factor: float = 1.0
+    usage_window: int = 65536
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        self.flat()  # every range and consistency check of QuantizerConfig
+
+    def flat(self) -> QuantizerConfig:
+        """The same settings as the flat QuantizerConfig that recipes and config.json spell."""
+        return QuantizerConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class _CodeVectors(_Shared):
+    """Kinds that look up stored code vectors (vq, simvq, ibq)."""
+
+    code_dim: int | None = None
+    beta: float = 0.25
+
+    @property
+    def lookup_dim(self) -> int:
+        return self.dim if self.code_dim is None else self.code_dim
+
+
+@dataclass(frozen=True)
+class VQConfig(_CodeVectors):
+    kind: Literal["vq"] = "vq"
+    l2_normalize: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    dead_code_threshold: int = 10
+    restart_from: Literal["error", "random"] = "error"
+    affine_reparam: bool = False
+    affine_lr: float = 10.0
+    sync_nu: float = 0.0
+    rotation_trick: bool = False
+
+
+@dataclass(frozen=True)
+class SimVQConfig(_CodeVectors):
+    kind: Literal["simvq"] = "simvq"
+    l2_normalize: bool = False
+    rotation_trick: bool = False
+
+
+@dataclass(frozen=True)
+class IBQConfig(_CodeVectors):
+    kind: Literal["ibq"] = "ibq"
+    dead_code_threshold: int = 10
+    restart_from: Literal["error", "random"] = "error"
+
+
+@dataclass(frozen=True)
+class FSQConfig(_Shared):
+    kind: Literal["fsq"] = "fsq"
+    fsq_levels: tuple[int, ...] = ()
+    entropy_group_bits: int = 14
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.fsq_levels or default_fsq_levels(self.num_codes)
+
+    @property
+    def lookup_dim(self) -> int:
+        return len(self.levels)
+
+
+@dataclass(frozen=True)
+class LFQConfig(_Shared):
+    kind: Literal["lfq"] = "lfq"
+    beta: float = 0.25
+    entropy_group_bits: int = 14
+
+    @property
+    def bits(self) -> int:
+        return self.num_codes.bit_length() - 1
+
+    @property
+    def lookup_dim(self) -> int:
+        return self.bits
+
+
+KindConfig = Union[VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig]
+KIND_CONFIGS: dict[str, type] = {"vq": VQConfig, "simvq": SimVQConfig, "ibq": IBQConfig, "fsq": FSQConfig,
+                                 "lfq": LFQConfig}
+assert set(KIND_CONFIGS) == set(KINDS)
+
+
+def unread_fields(kind: str) -> tuple[str, ...]:
+    """QuantizerConfig fields that `kind` does not read."""
+    read = {f.name for f in fields(KIND_CONFIGS[kind])}
+    return tuple(f.name for f in fields(QuantizerConfig) if f.name not in read)
+
+
+def as_kind_config(config: QuantizerConfig | KindConfig) -> KindConfig:
+    """The kind's config, from either form."""
+    return config.kind_config if isinstance(config, QuantizerConfig) else config

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from vqgan.quantize_utils import chunk_rows, distribution_entropy
+from vqgan.quantizers.entropy import distribution_entropy
+from vqgan.quantizers.search import chunk_rows
 
 
 def channel_log_probs(h: Tensor, level_values: list[Tensor], temperature: float) -> list[Tensor]:
@@ -74,3 +75,9 @@ def product_entropy_terms(log_probs: list[Tensor], group_bits: int, chunk_size: 
                     for s in range(0, n, rows))
         batch = batch + distribution_entropy(total / n)  # total / n: (codes,) mean code probabilities
     return per_sample, batch
+
+
+def grid_entropy_terms(rows: Tensor, level_values: list[Tensor], temperature: float, group_bits: int,
+                       chunk_size: int) -> tuple[Tensor, Tensor]:
+    """(N, c) rows, per channel its (L_i,) level values -> (mean per-sample entropy, grouped batch entropy)."""
+    return product_entropy_terms(channel_log_probs(rows, level_values, temperature), group_bits, chunk_size)

@@ -1,41 +1,36 @@
 """kind="simvq": SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized
 Models with One Linear Layer", arXiv:2411.02038).
 
-The K codes are a frozen random matrix C (K, c) times one learned linear map: codes = C W^T + b.
-Every step's codebook gradient moves W, so every code moves with it and none is left dead; the
-nearest-code search, losses and estimator are VQ's.
+The K codes are a frozen random matrix C (K, c) times one learned linear map (codebooks.MappedCodebook);
+the nearest-code search, losses and estimator are VQ's. Nothing is written into the codebook, so there
+is no k-means and no restart: the map does their job.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from vqgan.quantize_utils import broadcast_from_rank0
-from vqgan.quantizers.config import QuantizerConfig
-from vqgan.quantizers.vq import VectorQuantizer
+from vqgan.quantizers.codebooks import MappedCodebook, uniform_codes
+from vqgan.quantizers.config import KindConfig, QuantizerConfig, SimVQConfig, as_kind_config
+from vqgan.quantizers.estimators import VQEstimator, rotation_trick, straight_through
+from vqgan.quantizers.lookup import CodebookQuantizer
+from vqgan.quantizers.maintenance import SyncInit
+from vqgan.quantizers.search import EuclideanSearch
 
 
-class SimVQ(VectorQuantizer):
+class SimVQ(CodebookQuantizer):
     """Frozen random codes through a learned linear map; nothing is written into the codebook."""
 
-    writable_codebook = False  # no k-means, no restarts: the map does their job
+    def __init__(self, config: QuantizerConfig | KindConfig):
+        cfg: SimVQConfig = as_kind_config(config)
+        estimator = VQEstimator(cfg.beta, rotation_trick if cfg.rotation_trick else straight_through)
+        super().__init__(cfg, MappedCodebook(cfg.l2_normalize), _initial_codes, EuclideanSearch(),
+                         estimator, SyncInit())
 
-    def __init__(self, config: QuantizerConfig):
-        super().__init__(config)
-        num_codes, width = config.num_codes, config.lookup_dim
-        del self.weight
-        # The paper's init: N(0, 1/c) codes, frozen (a buffer: no gradient, no optimizer state).
-        self.register_buffer("weight", torch.randn(num_codes, width) * width**-0.5)
-        self.code_map = nn.Linear(width, width)
 
-    @property
-    def codebook(self) -> Tensor:
-        """(K, c) C W^T + b, normalised with l2_normalize."""
-        codes = self.code_map(self.weight)
-        return F.normalize(codes, dim=1) if self.config.l2_normalize else codes
-
-    def _broadcast_codebook(self) -> None:
-        for tensor in (self.weight, self.code_map.weight, self.code_map.bias):
-            broadcast_from_rank0(tensor.data)
+def _initial_codes(cfg: SimVQConfig) -> Tensor:
+    """The paper's init: N(0, 1/c) codes (K, c). NOTE: drawn after a uniform draw of the same shape, as the
+    versions that built SimVQ over VQ's init did, so that a seed builds the same codebook and map."""
+    uniform_codes(cfg.num_codes, cfg.lookup_dim)
+    return torch.randn(cfg.num_codes, cfg.lookup_dim) * cfg.lookup_dim**-0.5

@@ -7,6 +7,10 @@ renamed into place by the main process only after a barrier, so every rank's fil
 `train_state.json` is written last and holds the step counter; a folder without it is never resumed
 from. Old folders are renamed aside before they are deleted, so a kill mid-prune leaves no
 half-deleted folder that still looks complete. A kill at any moment leaves the previous checkpoint.
+
+Module files here hold whole state dicts, training-only state included (generator.safetensors: the
+quantizer's usage counters, restart candidates, EMA sums, k-means flag; vqgan/training_state.py), which
+a resume needs and a tokenizer folder leaves out.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vqgan.autoencoder import VQModel
 from vqgan.losses import LeCAM, LossConfig, discriminator_loss, expected_image, generator_loss
-from vqgan.quantize import QuantizerOutput
+from vqgan.quantizers import QuantizerOutput
 from vqgan.training.window import Backward, plain_backward
 
 def differentiable_images(model: VQModel, decoded: Tensor) -> Tensor:

@@ -3,8 +3,10 @@
 The folder's config.json is the base of `model.*`: a recipe sets only what it changes for training
 (quantizer remedies, beta, dropout, resolution). What decides the weights' names and shapes must stay
 the folder's; a recipe that changes it is refused, naming each field. The generator starts from the
-folder's weights, the codebook included: its `initialized` flag is kept, so k-means does not re-run
-(unless the recipe turns `quantizer.kmeans_init` on over a folder that had it off). The discriminator
+folder's weights, the codebook included; a folder holds no training state, so the quantizer's starts
+fresh, consistent with the loaded codes: the codebook counts as initialised, so k-means does not re-run
+(unless the recipe turns `quantizer.kmeans_init` on over a folder that had it off), and an EMA codebook's
+running sums restart from the codes (each code as if it had absorbed one vector). The discriminator
 starts fresh, or from the folder's discriminator.safetensors (vqgan-convert --keep-discriminator);
 `loss.disc_start` is its warm-up either way. A resumed run loads its checkpoint over all of this.
 """
@@ -25,11 +27,11 @@ from vqgan.config import ConfigError, to_dict
 from vqgan.folder_format import (
     CONFIG_NAME,
     DISCRIMINATOR_NAME,
-    TRAINING_ONLY_BUFFERS,
     WEIGHTS_NAME,
     read_tokenizer_config,
     resolve_folder,
 )
+from vqgan.training_state import reset_training_state, with_own_training_state
 
 # Training options: free to change when fine-tuning. Every other model field is architecture.
 _FREE_AUTOENCODER = ("dropout", "gradient_checkpointing", "resolution", "attn_resolutions")
@@ -87,12 +89,7 @@ def check_architecture(config: VQModelConfig, init_from: str) -> None:
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     own = module.state_dict()
-    for key in list(state):  # restart candidates exist only with restarts on; they are refilled each step
-        if key.rsplit(".", 1)[-1] in TRAINING_ONLY_BUFFERS and key not in own:
-            del state[key]
-    for key in own:
-        if key not in state and key.rsplit(".", 1)[-1] in TRAINING_ONLY_BUFFERS:
-            state[key] = own[key]
+    state = with_own_training_state(module, state)  # a folder's training state is never read
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
               if state[k].shape != own[k].shape]
@@ -110,6 +107,7 @@ def load_initial_weights(model: nn.Module, discriminator: nn.Module, config: VQM
     folder, source = read_init_folder(init_from)
     state = load_file(str(folder / WEIGHTS_NAME), device="cpu")
     _load_strict(model, state, f"model.init_from={init_from}")
+    reset_training_state(model)  # e.g. the codebook counts as initialised, EMA sums follow the codes
     if config.quantizer.kmeans_init and not source.quantizer.kmeans_init:
         model.quantizer.initialized.fill_(False)  # asked for: k-means over the first batch's encoder outputs
         model.quantizer.refresh_flags()
