@@ -239,6 +239,14 @@ def test_kmeans_runs_once_on_the_ideal_residuals_and_dead_codes_restart_from_the
     assert ((candidates - q.weight[3].detach()).abs().sum(1) == 0).any()
 
 
+def test_the_onnx_paths_give_lookups_ids_and_indices_to_codes_latent():
+    q = seeded_quantizer().float()  # VAR's ten scales on a 16 x 16 latent: pooling to 13, 10, 6, 5, 3 does not divide
+    f = torch.randn(2, 4, 16, 16)
+    ids = q.lookup(f)
+    assert torch.equal(q.export_lookup(f), ids)
+    assert (q.export_codes(ids) - q.indices_to_codes(ids)).abs().max() < 1e-5
+
+
 def test_bf16_autocast_searches_in_fp32():
     q = seeded_quantizer(scales=(1, 2, 4)).float()
     f = torch.randn(2, 4, 4, 4)

@@ -80,15 +80,17 @@ def phi_layout(generator: Mapping[str, Tensor], source: str) -> tuple[str, dict[
     return sharing, keys
 
 
-def convert_var_state(state: Mapping[str, Tensor], *, args: Mapping[str, Any] | None = None,
-                      resolution: int | None = None, source: str = "checkpoint") -> Converted:
-    """VAR's VQVAE state dict -> Converted (kind msvq)."""
+def var_config(generator: Mapping[str, Tensor], *, args: Mapping[str, Any] | None = None,
+               resolution: int | None = None, usage_rows: int | None = None,
+               source: str = "checkpoint") -> tuple[VQModelConfig, dict[str, str]]:
+    """(our config, their phi key -> our key) read off VAR's generator weights (shapes only) and its arguments.
+
+    usage_rows: the first dimension of quantize.ema_vocab_hit_SV (one row per scale), checked against the scales.
+    """
     args = dict(args or {})
-    generator, dropped = split_sections(state, GENERATOR, NOT_GENERATOR, source)
     scales = tuple(int(s) for s in args.get("patch_nums", args.get("v_patch_nums", VAR_SCALES)))
-    usage = state.get("quantize.ema_vocab_hit_SV")
-    if usage is not None and usage.shape[0] != len(scales):
-        raise ConversionError(f"{source}: the checkpoint was trained with {usage.shape[0]} scales "
+    if usage_rows is not None and usage_rows != len(scales):
+        raise ConversionError(f"{source}: the checkpoint was trained with {usage_rows} scales "
                               f"(quantize.ema_vocab_hit_SV), not {len(scales)} {list(scales)}; pass its patch_nums "
                               f"with --config")
     sharing, phi_keys = phi_layout(generator, source)
@@ -106,18 +108,29 @@ def convert_var_state(state: Mapping[str, Tensor], *, args: Mapping[str, Any] | 
         ratio = 0.0  # VAR: nn.Identity for |quant_resi| <= 1e-6, no weights
     elif ratio == 0.0:
         raise ConversionError(f"{source}: quant_resi=0 but the weights hold phi convs")
-
     theirs = {k: v for k, v in generator.items() if k not in phi_keys}
     ae = infer_autoencoder(theirs, VAR_LAYOUT, resolution=resolution or 256, source=source)
     if resolution is None:  # the nominal size whose latent is the last scale (VAR: 16 x f16 = 256)
         ae = infer_autoencoder(theirs, VAR_LAYOUT, resolution=scales[-1] * ae.downsample_factor, source=source)
     ae = dataclasses.replace(ae, quant_conv_kernel=int(theirs["quant_conv.weight"].shape[-1]))
+    if VAR_LAYOUT.codebook not in theirs:
+        raise ConversionError(f"{source}: no codebook {VAR_LAYOUT.codebook}; is this VAR's VQVAE?")
     num_codes, dim = theirs[VAR_LAYOUT.codebook].shape
     quantizer = QuantizerConfig(kind="msvq", num_codes=num_codes, dim=dim, beta=float(args.get("beta", VAR_BETA)),
                                 kmeans_init=False, dead_code_threshold=0, scales=scales, phi_ratio=ratio,
                                 phi_sharing="partial" if sharing == "none" else sharing,
                                 phi_count=count if sharing == "partial" else 4)
-    config = VQModelConfig(ae, quantizer)
+    return VQModelConfig(ae, quantizer), phi_keys
+
+
+def convert_var_state(state: Mapping[str, Tensor], *, args: Mapping[str, Any] | None = None,
+                      resolution: int | None = None, source: str = "checkpoint") -> Converted:
+    """VAR's VQVAE state dict -> Converted (kind msvq)."""
+    generator, dropped = split_sections(state, GENERATOR, NOT_GENERATOR, source)
+    usage = state.get("quantize.ema_vocab_hit_SV")
+    config, phi_keys = var_config(generator, args=args, resolution=resolution, source=source,
+                                  usage_rows=None if usage is None else int(usage.shape[0]))
+    theirs = {k: v for k, v in generator.items() if k not in phi_keys}
     ours = import_state(config, theirs, VAR_LAYOUT, source)
     missing = sorted(k for k in ours if k.startswith("quantizer.phi.") and k not in phi_keys.values())
     if missing:

@@ -52,6 +52,15 @@ def phi_assignment(num_scales: int, sharing: str, phi_count: int) -> tuple[int, 
     return tuple(int(np.argmin(np.abs(ticks - k / (num_scales - 1)))) for k in range(num_scales))
 
 
+def area_pool_matrix(size_in: int, size_out: int) -> Tensor:
+    """(size_out, size_in) weights of F.interpolate(mode="area") (adaptive average pooling) along one axis."""
+    m = torch.zeros(size_out, size_in)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
 class MultiScaleResidualQuantizer(VectorQuantizer):
     """VAR's multi-scale residual quantizer; indices are (B, Σ s²) ids, scale after scale."""
 
@@ -215,6 +224,37 @@ class MultiScaleResidualQuantizer(VectorQuantizer):
         f_hat = None
         for k, grid in enumerate(self.split_scales(indices)):
             f_hat = self.add_scale(f_hat, grid, k)
+        return f_hat
+
+    # -- ONNX (vqgan/onnx_export.py): the same steps in operators the tracer takes --------------------
+
+    def export_lookup(self, z: Tensor) -> Tensor:
+        """z (B, D, s_K, s_K) -> (B, Σ s²) ids, as lookup: area pooling as a matrix product (ONNX has no adaptive
+        pooling to sizes that do not divide the input), the kind's out=-free search."""
+        side, last = self.scales[-1], len(self.scales) - 1
+        codes = self.codebook.float()
+        f_rest, ids_all = z.float(), []
+        for k, s in enumerate(self.scales):
+            if k == last:
+                down = f_rest
+            else:
+                pool = area_pool_matrix(side, s).to(f_rest.device)  # (s, side)
+                down = torch.einsum("ij,bdjk,lk->bdil", pool, f_rest, pool)  # (B, D, s, s)
+            ids = self.export_search(rearrange(down, "b d h w -> (b h w) d"))  # (B s s,)
+            codes_grid = rearrange(F.embedding(ids, codes), "(b h w) d -> b d h w", h=s, w=s)
+            f_rest = f_rest - self.scale_contribution(codes_grid, k, side)
+            ids_all.append(ids.reshape(z.shape[0], s * s))
+        return torch.cat(ids_all, dim=1)
+
+    def export_codes(self, indices: Tensor) -> Tensor:
+        """(B, Σ s²) ids -> f̂ (B, D, s_K, s_K), as indices_to_codes without the value checks (traceable)."""
+        offsets, side, f_hat = self.scale_offsets, self.scales[-1], None
+        codes = self.codebook.float()
+        for k, s in enumerate(self.scales):
+            ids = indices[:, offsets[k]:offsets[k + 1]].reshape(-1)
+            codes_grid = rearrange(F.embedding(ids, codes), "(b h w) d -> b d h w", h=s, w=s)
+            h = self.scale_contribution(codes_grid, k, side)
+            f_hat = h if f_hat is None else f_hat + h
         return f_hat
 
     # -- internals ---------------------------------------------------------------------------------
