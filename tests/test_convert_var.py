@@ -148,3 +148,17 @@ def test_what_does_not_convert_exactly_is_refused_by_name(tmp_path):
     torch.save({**state, "quantize.quant_resi.extra.weight": torch.zeros(1)}, tmp_path / "odd.pth")
     with pytest.raises(ConversionError, match="quantize.quant_resi.extra.weight is no phi conv"):
         load_source("var", tmp_path / "odd.pth")
+
+
+def test_a_3x3_quant_conv_does_not_export_to_1x1_formats(tmp_path):
+    from vqgan.autoencoder import AutoencoderConfig, VQModelConfig
+    from vqgan.convert.export_formats import export_tokenizer
+    from vqgan.quantize import QuantizerConfig
+
+    ae = AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                           num_groups=8, resolution=16, quant_conv_kernel=3)
+    tok = VQTokenizer(VQModelConfig(ae, QuantizerConfig(num_codes=16, dim=4)))
+    for target in ("diffusers", "llamagen"):
+        with pytest.raises(ConversionError, match="quant_conv_kernel=3"):
+            export_tokenizer(tok, tmp_path / target, target)
+        assert not (tmp_path / target).exists()
