@@ -148,7 +148,7 @@ class MultiScaleResidualQuantizer(VectorQuantizer):
             raise ValueError(f"next_scale_input(k={k}) needs the ids of scales 0..{k - 1}, got {len(ids_per_scale)}")
         if k == 0:
             batch = ids_per_scale[0].shape[0] if ids_per_scale else 1
-            return self.codebook.new_zeros(batch, 1, self.config.dim).float()
+            return self.weight.new_zeros(batch, 1, self.config.dim, dtype=self._work_dtype(None))
         f_hat = None
         for j in range(k):
             f_hat = self.add_scale(f_hat, ids_per_scale[j], j)
@@ -163,7 +163,7 @@ class MultiScaleResidualQuantizer(VectorQuantizer):
             f_hat = self.add_scale(f_hat, grids[k], k)
             inputs.append(self.downsample_to_scale(f_hat, k + 1))
         if not inputs:
-            return self.codebook.new_zeros(indices.shape[0], 0, self.config.dim).float()
+            return self.weight.new_zeros(indices.shape[0], 0, self.config.dim, dtype=self._work_dtype(None))
         return torch.cat(inputs, dim=1)
 
     # -- quantizer API -----------------------------------------------------------------------------
@@ -214,6 +214,15 @@ class MultiScaleResidualQuantizer(VectorQuantizer):
         with torch.autocast(device_type=z.device.type, enabled=False):
             _, _, scale_ids = self._quantize(z.to(self._work_dtype(z)), self.codebook)
         return torch.cat([ids.reshape(z.shape[0], -1) for ids in scale_ids], dim=1)
+
+    @torch.no_grad()
+    def partial_reconstructions(self, z: Tensor) -> list[Tensor]:
+        """z (B, D, H, W) -> f̂_k (B, D, H, W) after each scale, coarse to fine (VAR's f_to_idxBl_or_fhat(to_fhat=True));
+        decoded, they show what each scale adds. No state change."""
+        self._check_latent(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            partial_sums, _, _ = self._quantize(z.to(self._work_dtype(z)), self.codebook)
+        return partial_sums
 
     def lookup_rows(self, z: Tensor) -> Tensor:
         raise NotImplementedError("msvq looks up residuals scale by scale; use lookup(z) or forward(z)")
