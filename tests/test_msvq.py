@@ -310,6 +310,10 @@ def test_tokenizer_folder_round_trip_encodes_sequences_and_decodes_them(tmp_path
         assert torch.equal(quant.indices, ids)
         assert torch.allclose(decoded, (tok.model.to_images(forward) + 1) / 2, atol=1e-6)
     tok.save_pretrained(tmp_path / "tok")
+    from vqgan.folder_format import CARD_NAME
+
+    assert "one sequence of 103 ids an image over scales [1, 2, 3, 5, 8]" in (tmp_path / "tok" / CARD_NAME).read_text()
+    assert "103 ids over scales" in tok.model.summary()
     loaded = VQTokenizer.from_pretrained(tmp_path / "tok")
     assert loaded.config == tok.config
     assert torch.equal(loaded.encode(images), ids) and torch.equal(loaded.decode(ids), decoded)

@@ -363,6 +363,7 @@ class VQModel(nn.Module):
         return (
             f"VQModel {format_count(sum(parts.values()))} params ({counts}); f={self.downsample_factor}, "
             f"{ae.resolution}px -> {side}x{side} = {side * side} tokens, K={q.num_codes} ({q.kind}), output={ae.output}"
+            + (f"; msvq: {sum(s * s for s in q.scales)} ids over scales {list(q.scales)}" if q.kind == "msvq" else "")
         )
 
     def _check_images(self, images: Tensor) -> None:
