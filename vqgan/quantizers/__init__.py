@@ -6,13 +6,15 @@ with one index per position, and rebuilds the quantized tensor from indices (`in
     ibq    largest inner product, softmax straight-through to every code       ibq.py
     fsq    bounded per-channel rounding to fixed levels                        fsq.py
     lfq    sign bits, entropy penalty                                          lfq.py
+    msvq   VAR's multi-scale residual codes, (B, Σ s²) ids                     msvq.py
 
 Each kind is a few lines that choose its parts. The lookup kinds (vq, simvq, ibq): a stored codebook
 (codebooks.py), a search (search.py), a gradient estimator (estimators.py) and maintenance
-(maintenance.py), for the one forward in lookup.py. The grid kinds (fsq, lfq): an implicit grid
+(maintenance.py), for the one forward in lookup.py; msvq chooses the same parts and runs them scale by scale (its own
+residual loop over that forward's pieces). The grid kinds (fsq, lfq): an implicit grid
 (grids.py) and a commitment weight, for the forward in rounding.py. Helpers: kmeans.py, entropy.py,
 product_entropy.py, distributed.py. Each kind has its
-config (config.py: VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig); QuantizerConfig is the flat
+config (config.py: VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig, MSVQConfig); QuantizerConfig is the flat
 form recipes and config.json spell, mapped to the kind's by `kind_config`.
 """
 
@@ -24,6 +26,7 @@ from vqgan.quantizers.config import (
     IBQConfig,
     KindConfig,
     LFQConfig,
+    MSVQConfig,
     QuantizerConfig,
     SimVQConfig,
     VQConfig,
@@ -32,6 +35,7 @@ from vqgan.quantizers.config import (
 from vqgan.quantizers.fsq import FiniteScalarQuantizer
 from vqgan.quantizers.ibq import IndexBackpropQuantizer
 from vqgan.quantizers.lfq import LookupFreeQuantizer
+from vqgan.quantizers.msvq import MultiScaleResidualQuantizer
 from vqgan.quantizers.simvq import SimVQ
 from vqgan.quantizers.vq import VectorQuantizer
 
@@ -41,6 +45,7 @@ _BY_KIND: dict[str, type[Quantizer]] = {
     "ibq": IndexBackpropQuantizer,
     "fsq": FiniteScalarQuantizer,
     "lfq": LookupFreeQuantizer,
+    "msvq": MultiScaleResidualQuantizer,
 }
 assert set(_BY_KIND) == set(KINDS)
 
@@ -53,5 +58,6 @@ def build_quantizer(config: QuantizerConfig | KindConfig) -> Quantizer:
 
 
 __all__ = ["KINDS", "KIND_CONFIGS", "FSQConfig", "FiniteScalarQuantizer", "IBQConfig", "IndexBackpropQuantizer",
-           "KindConfig", "LFQConfig", "LookupFreeQuantizer", "Quantizer", "QuantizerConfig", "QuantizerOutput",
-           "SimVQ", "SimVQConfig", "VQConfig", "VectorQuantizer", "as_kind_config", "build_quantizer"]
+           "KindConfig", "LFQConfig", "LookupFreeQuantizer", "MSVQConfig", "MultiScaleResidualQuantizer", "Quantizer",
+           "QuantizerConfig", "QuantizerOutput", "SimVQ", "SimVQConfig", "VQConfig", "VectorQuantizer",
+           "as_kind_config", "build_quantizer"]

@@ -1,5 +1,5 @@
 """Quantizer configs: one frozen dataclass per kind (VQConfig, SimVQConfig, IBQConfig, FSQConfig,
-LFQConfig) holding only the fields that kind reads, under the `kind` discriminator; and QuantizerConfig,
+LFQConfig, MSVQConfig) holding only the fields that kind reads, under the `kind` discriminator; and QuantizerConfig,
 the flat form that recipes, the CLI (`model.quantizer.kind=lfq`), checkpoints and tokenizer folders'
 config.json have always written. `QuantizerConfig.kind_config` maps the flat form to the kind's config;
 a field the kind does not read must stay at its default (or a value older configs carry, below), so a
@@ -15,9 +15,9 @@ from typing import Literal, Union
 # vq: nearest code (VQ-VAE). fsq: finite scalar quantization (Mentzer et al. 2023, arXiv:2309.15505).
 # lfq: lookup-free sign bits (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737). ibq: index backpropagation
 # (Shi et al. 2024, arXiv:2412.02692). simvq: frozen codes times a learned map (Zhu et al. 2024,
-# arXiv:2411.02038).
-KINDS = ("vq", "fsq", "lfq", "ibq", "simvq")
-Kind = Literal["vq", "fsq", "lfq", "ibq", "simvq"]
+# arXiv:2411.02038). msvq: multi-scale residual quantization (VAR, Tian et al. 2024, arXiv:2404.02905).
+KINDS = ("vq", "fsq", "lfq", "ibq", "simvq", "msvq")
+Kind = Literal["vq", "fsq", "lfq", "ibq", "simvq", "msvq"]
 
 # FSQ levels per channel when fsq_levels is not given and K is a power of two: as many 8s as fit,
 # then 4s for the remaining bits (the paper's table uses levels >= 5 and products that are not powers of two; a
@@ -106,6 +106,16 @@ class QuantizerConfig:
     rotation_trick: bool = False  # Fifty et al. 2024 (arXiv:2410.06424), instead of the plain STE
     usage_window: int = 65536  # codebook usage is measured over about this many recent indices
     chunk_size: int = 4096  # rows of any (rows, K) matrix computed at once
+    # msvq (VAR, arXiv:2404.02905, sec. 3.2): side of each scale's token grid, coarse to fine, Σ s² tokens an image
+    # (680 for VAR's ten scales); the last equals the latent's side (256 px / f16 = 16).
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    # msvq: phi(h) = (1 - phi_ratio) h + phi_ratio conv3x3(h) on each scale's upsampled codes (VAR's quant_resi,
+    # 0.5 in its release); 0: identity, no convs.
+    phi_ratio: float = 0.5
+    # msvq: which scales share a phi conv (VAR's share_quant_resi): "partial" = phi_count convs, each scale taking
+    # the one nearest its position in [0, 1] (VAR's released tokenizer: 4); "shared" = one; "per_scale" = one each.
+    phi_sharing: Literal["partial", "shared", "per_scale"] = "partial"
+    phi_count: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -153,6 +163,21 @@ class QuantizerConfig:
                              f"got {self.num_codes}")
         if self.kind == "fsq":
             self._check_fsq()
+        if self.kind == "msvq":
+            self._check_msvq()
+
+    def _check_msvq(self) -> None:
+        scales = self.scales
+        if not scales or any(s < 1 for s in scales) or any(a >= b for a, b in zip(scales, scales[1:])):
+            raise ValueError(f"QuantizerConfig: scales must be strictly increasing positive grid sides "
+                             f"(e.g. [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]), got {list(scales)}")
+        if not 0.0 <= self.phi_ratio <= 1.0:
+            raise ValueError(f"QuantizerConfig: phi_ratio must be in [0, 1], got {self.phi_ratio}")
+        if self.phi_sharing not in ("partial", "shared", "per_scale"):
+            raise ValueError(f"QuantizerConfig: phi_sharing must be 'partial', 'shared' or 'per_scale', "
+                             f"got {self.phi_sharing!r}")
+        if self.phi_count < 1:
+            raise ValueError(f"QuantizerConfig: phi_count must be >= 1, got {self.phi_count}")
 
     def _check_fsq(self) -> None:
         if self.fsq_levels:
@@ -201,10 +226,6 @@ class _Shared:
 
     num_codes: int = 1024
     dim: int = 256
-    entropy_weight: float = 0.0
-    entropy_temperature: float = 1.0
-    entropy_anneal_steps: int = 0
-    entropy_anneal_factor: float = 1.0
     usage_window: int = 65536
     chunk_size: int = 4096
 
@@ -217,7 +238,17 @@ class _Shared:
 
 
 @dataclass(frozen=True)
-class _CodeVectors(_Shared):
+class _EntropyPenalty(_Shared):
+    """Kinds that read the entropy penalty (every kind but msvq, whose loss is VAR's)."""
+
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 1.0
+    entropy_anneal_steps: int = 0
+    entropy_anneal_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class _CodeVectors(_EntropyPenalty):
     """Kinds that look up stored code vectors (vq, simvq, ibq)."""
 
     code_dim: int | None = None
@@ -260,7 +291,7 @@ class IBQConfig(_CodeVectors):
 
 
 @dataclass(frozen=True)
-class FSQConfig(_Shared):
+class FSQConfig(_EntropyPenalty):
     kind: Literal["fsq"] = "fsq"
     fsq_levels: tuple[int, ...] = ()
     entropy_group_bits: int = 14
@@ -275,7 +306,7 @@ class FSQConfig(_Shared):
 
 
 @dataclass(frozen=True)
-class LFQConfig(_Shared):
+class LFQConfig(_EntropyPenalty):
     kind: Literal["lfq"] = "lfq"
     beta: float = 0.25
     entropy_group_bits: int = 14
@@ -289,9 +320,35 @@ class LFQConfig(_Shared):
         return self.bits
 
 
-KindConfig = Union[VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig]
+@dataclass(frozen=True)
+class MSVQConfig(_Shared):
+    """VAR's multi-scale residual quantizer: a plain Euclidean codebook in the latent's own width (no code_dim,
+    no cosine codes, no EMA), vq's k-means init and restarts, the scales and their phi convs."""
+
+    kind: Literal["msvq"] = "msvq"
+    beta: float = 0.25
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    dead_code_threshold: int = 10
+    restart_from: Literal["error", "random"] = "error"
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    phi_ratio: float = 0.5
+    phi_sharing: Literal["partial", "shared", "per_scale"] = "partial"
+    phi_count: int = 4
+
+    @property
+    def lookup_dim(self) -> int:
+        return self.dim
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Σ s² over the scales: the length of one image's id sequence."""
+        return sum(s * s for s in self.scales)
+
+
+KindConfig = Union[VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig, MSVQConfig]
 KIND_CONFIGS: dict[str, type] = {"vq": VQConfig, "simvq": SimVQConfig, "ibq": IBQConfig, "fsq": FSQConfig,
-                                 "lfq": LFQConfig}
+                                 "lfq": LFQConfig, "msvq": MSVQConfig}
 assert set(KIND_CONFIGS) == set(KINDS)
 
 

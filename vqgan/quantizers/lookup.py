@@ -132,8 +132,9 @@ class CodebookQuantizer(Quantizer):
                             perplexity=batch_perplexity, usage=usage)
 
     @torch.no_grad()
-    def _maintain(self, h: Tensor) -> None:
-        """First training call: the init (k-means or rank-0 sync). Later calls: restart dead codes."""
+    def _maintain(self, h: Tensor | None) -> None:
+        """First training call: the init (k-means or rank-0 sync) on rows h (N, c). Later calls: restart dead
+        codes (h is not read; msvq passes None then)."""
         if not self._initialized:
             self.init(self, h)
             self.initialized.fill_(True)
