@@ -394,3 +394,27 @@ def test_training_forward_has_no_host_sync_after_init():
         out = q(z)
         out.loss.backward()
     assert counter.seen == [], f"host syncs in msvq's training step: {counter.seen}"
+
+
+def test_training_start_and_end_lines_give_the_sum_of_squared_scales_not_the_latent_grid(tmp_path, capsys):
+    """vqgan-train's start-up line and its held-out usage line count msvq's ids (Σ s² = 103 for scales 1, 2, 3,
+    5, 8), not the 8x8 latent's 64."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from test_train import tiny_recipe, write_recipe
+    from vqgan.train import main
+
+    recipe = tiny_recipe(tmp_path / "run", train={"steps": 1, "eval_every": 1, "checkpoint_every": 1},
+                         model={"preset": "tiny", "quantizer": {"kind": "msvq", "num_codes": 64,
+                                                                "scales": [1, 2, 3, 5, 8]}})
+    try:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        main([str(write_recipe(tmp_path, recipe))])
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    printed = capsys.readouterr().out
+    assert "32px images -> 8x8 latent -> 103 tokens (Σ s² over scales [1, 2, 3, 5, 8]) of K=64" in printed
+    assert "by the 103 held-out tokens" in printed
+    assert "64 tokens" not in printed

@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     effective_batch = loop.batch_size * accelerator.num_processes * loop.grad_accum_steps
     accelerator.print(
         f"generator {format_count(count_parameters(raw_model))} params, discriminator "
-        f"{format_count(count_parameters(raw_disc))}; {size}px images -> {size // f}x{size // f} = "
-        f"{(size // f) ** 2} tokens of K={config.model.quantizer.num_codes}; effective batch {effective_batch} "
+        f"{format_count(count_parameters(raw_disc))}; {size}px images -> "
+        f"{config.model.quantizer.token_layout(size // f)} of K={config.model.quantizer.num_codes}; "
+        f"effective batch {effective_batch} "
         f"({accelerator.num_processes} processes x {loop.batch_size} x {loop.grad_accum_steps} accumulation); "
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["tokenizer"] = str(run_dir / "tokenizer")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         held_out = summary["metrics"]
-        held_out_tokens = held_out.get("num_images", 0) * (size // f) ** 2
+        held_out_tokens = held_out.get("num_images", 0) * config.model.quantizer.tokens_per_image(size // f)
         accelerator.print(
             "\n== done ==\n"
             f"steps {state.step}; held-out PSNR {held_out.get('psnr', math.nan):.2f} dB on "

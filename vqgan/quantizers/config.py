@@ -209,6 +209,17 @@ class QuantizerConfig:
             return self.bits
         return self.dim if self.code_dim is None else self.code_dim
 
+    def tokens_per_image(self, latent_side: int) -> int:
+        """Ids one image becomes: the latent grid's side², or msvq's Σ s² over its scales (any latent side)."""
+        return sum(s * s for s in self.scales) if self.kind == "msvq" else latent_side * latent_side
+
+    def token_layout(self, latent_side: int) -> str:
+        """What an image's ids are, for start-up lines: "8x8 = 64 tokens", or msvq's scales and Σ s²."""
+        if self.kind == "msvq":
+            return (f"{latent_side}x{latent_side} latent -> {self.tokens_per_image(latent_side)} tokens "
+                    f"(Σ s² over scales {list(self.scales)})")
+        return f"{latent_side}x{latent_side} = {self.tokens_per_image(latent_side)} tokens"
+
     @property
     def kind_config(self) -> KindConfig:
         """The config of this kind: the fields it reads (the others are at their defaults, checked above)."""
