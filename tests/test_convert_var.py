@@ -162,3 +162,33 @@ def test_a_3x3_quant_conv_does_not_export_to_1x1_formats(tmp_path):
         with pytest.raises(ConversionError, match="quant_conv_kernel=3"):
             export_tokenizer(tok, tmp_path / target, target)
         assert not (tmp_path / target).exists()
+
+
+def test_an_msvq_tokenizer_is_refused_by_diffusers_and_llamagen_for_its_multi_scale_tokens(tmp_path, capsys):
+    """The reason is the token layout (no equivalent there), not a search by distance; with a 1x1 quant_conv, so
+    that nothing else is in the way."""
+    from vqgan.autoencoder import AutoencoderConfig, VQModelConfig
+    from vqgan.cli.export import main as export_main
+    from vqgan.convert.export_formats import export_tokenizer
+    from vqgan.quantizers import QuantizerConfig
+
+    ae = AutoencoderConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                           num_groups=8, resolution=16)
+    tok = VQTokenizer(VQModelConfig(ae, QuantizerConfig(kind="msvq", num_codes=16, dim=4, scales=(1, 2, 4, 8))))
+    for target, name in (("diffusers", "diffusers"), ("llamagen", "LlamaGen")):
+        with pytest.raises(ConversionError, match=rf"kind 'msvq' does not export to {name}: multi-scale residual "
+                                                  rf"tokens .* have no equivalent there"):
+            export_tokenizer(tok, tmp_path / target, target)
+        assert not (tmp_path / target).exists()
+    tok.save_pretrained(tmp_path / "msvq")
+    assert export_main([str(tmp_path / "msvq"), str(tmp_path / "x"), "--format", "llamagen"]) == 2
+    err = capsys.readouterr().err
+    assert "multi-scale residual tokens" in err and "nearest code by distance" not in err
+
+
+def test_the_convert_commands_help_names_var_and_its_config(capsys):
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--from var" in text and "kind msvq" in text
+    assert "var: a JSON of VAR's arguments (patch_nums, quant_resi, beta" in text

@@ -418,3 +418,54 @@ def test_training_start_and_end_lines_give_the_sum_of_squared_scales_not_the_lat
     assert "32px images -> 8x8 latent -> 103 tokens (Σ s² over scales [1, 2, 3, 5, 8]) of K=64" in printed
     assert "by the 103 held-out tokens" in printed
     assert "64 tokens" not in printed
+
+
+def test_a_trained_msvq_folder_holds_the_codebook_and_phi_convs_and_no_training_state(tmp_path):
+    """msvq declares the lookup kinds' training state (usage counters, restart candidates, the k-means flag):
+    a tokenizer folder leaves it out, keeps the codebook and every phi conv, and encodes / decodes the same."""
+    from safetensors.torch import load_file
+
+    from vqgan.folder_format import WEIGHTS_NAME
+    from vqgan.tokenizer import VQTokenizer
+    from vqgan.training_state import training_state_keys
+
+    torch.manual_seed(0)
+    tok = VQTokenizer(tiny_msvq_config())
+    quantizer = tok.model.quantizer
+    quantizer.train()
+    for _ in range(3):  # k-means, counters and restart candidates: state a run holds
+        quantizer(torch.randn(4, 8, 8, 8))
+    quantizer.eval()
+    assert int(quantizer.step) == 3 and bool(quantizer.initialized) and quantizer.restart_rows.abs().sum() > 0
+    declared = training_state_keys(tok.model)
+    assert declared == {f"quantizer.{name}" for name in ("step", "seen", "last_used_step", "last_seen",
+                                                         "restart_rows", "initialized")}
+    tok.save_pretrained(tmp_path / "tok")
+    saved = load_file(str(tmp_path / "tok" / WEIGHTS_NAME))
+    assert set(saved) == set(tok.model.state_dict()) - declared
+    assert "quantizer.weight" in saved and {k for k in tok.model.state_dict() if k.startswith("quantizer.phi.")} <= set(saved)
+    loaded = VQTokenizer.from_pretrained(tmp_path / "tok")
+    images = torch.rand(2, 3, 16, 16)
+    ids = tok.encode(images)
+    assert torch.equal(loaded.encode(images), ids) and torch.equal(loaded.decode(ids), tok.decode(ids))
+    assert int(loaded.model.quantizer.step) == 0 and not bool(loaded.model.quantizer.initialized)
+
+
+def test_msvq_is_composed_from_the_shared_parts_and_subclasses_no_other_kind():
+    from vqgan.quantizers import KIND_CONFIGS, MSVQConfig, VectorQuantizer
+    from vqgan.quantizers.codebooks import LearnedCodebook
+    from vqgan.quantizers.estimators import VQEstimator, straight_through
+    from vqgan.quantizers.maintenance import DeadCodeRestart, KMeansInit, SyncInit
+    from vqgan.quantizers.search import EuclideanSearch
+
+    assert not issubclass(MultiScaleResidualQuantizer, VectorQuantizer)
+    assert KIND_CONFIGS["msvq"] is MSVQConfig
+    config = QuantizerConfig(kind="msvq", num_codes=16, dim=4, scales=(1, 2, 4), phi_count=2, kmeans_iters=3)
+    q = build_quantizer(config)
+    assert q.config == config.kind_config == MSVQConfig(num_codes=16, dim=4, scales=(1, 2, 4), phi_count=2,
+                                                        kmeans_iters=3)
+    assert isinstance(q.codebook_store, LearnedCodebook) and isinstance(q.code_search, EuclideanSearch)
+    assert q.estimator == VQEstimator(0.25, straight_through)
+    assert q.init == KMeansInit(3) and q.restart == DeadCodeRestart(10, "error")
+    off = build_quantizer(MSVQConfig(num_codes=16, dim=4, scales=(1, 2, 4), kmeans_init=False, dead_code_threshold=0))
+    assert off.init == SyncInit() and off.restart is None and "restart_rows" not in off.state_dict()

@@ -96,10 +96,11 @@ def test_every_recipe_and_v1_folder_config_maps_to_its_kinds_config():
 
 
 def test_no_kind_subclasses_another():
-    from vqgan.quantizers import (FiniteScalarQuantizer, IndexBackpropQuantizer, LookupFreeQuantizer, SimVQ,
-                                  VectorQuantizer)
+    from vqgan.quantizers import (FiniteScalarQuantizer, IndexBackpropQuantizer, LookupFreeQuantizer,
+                                  MultiScaleResidualQuantizer, SimVQ, VectorQuantizer)
 
-    classes = [VectorQuantizer, IndexBackpropQuantizer, SimVQ, FiniteScalarQuantizer, LookupFreeQuantizer]
+    classes = [VectorQuantizer, IndexBackpropQuantizer, SimVQ, FiniteScalarQuantizer, LookupFreeQuantizer,
+               MultiScaleResidualQuantizer]
     for cls in classes:
         assert not any(issubclass(cls, other) for other in classes if other is not cls), cls
 

@@ -4,6 +4,8 @@
     vqgan-convert ibq_16384.ckpt out/ibq --from ibq                 # EMA weights when present
     vqgan-convert vq_ds16_c2i.pt out/llamagen_vq16 --from llamagen
     vqgan-convert path/to/diffusers_vqmodel out/amused --from diffusers
+    vqgan-convert vae_ch160v4096z32.pth out/var_vae --from var      # VAR's multi-scale tokenizer -> kind msvq
+    vqgan-convert vae.pth out/var_vae --from var --config args.json  # other patch_nums / quant_resi / beta
 
 Pickled checkpoints are read with a safe reader (tensors and a short allowlist; anything else is refused).
 The folder loads with VQTokenizer.from_pretrained, evaluates with vqgan-evaluate / vqgan-fid recon:, and
@@ -28,9 +30,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="kind", required=True, choices=sorted(SOURCES), help="the source's project")
     parser.add_argument("--config", type=Path,
                         help="taming / ibq: the model.yaml (checked against the weights; shapes are read off the "
-                             "weights without it); llamagen: its model-args JSON")
+                             "weights without it); llamagen: its model-args JSON; var: a JSON of VAR's arguments "
+                             "(patch_nums, quant_resi, beta, share_quant_resi; VAR's defaults without it)")
     parser.add_argument("--resolution", type=int, help="nominal image size that places attention (default: the "
-                        "yaml's, else 256)")
+                        "yaml's; var: the last scale's side x f; else 256)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="ibq / taming / llamagen: convert the EMA weights (default: ibq and llamagen use them "
                              "when the checkpoint has them)")

@@ -7,7 +7,8 @@ The weights are renamed by the same key map the importers use (vqgan/convert/key
 config travels in config.json under "_vqgan_model" (both readers ignore it), so ours -> X -> ours gives the
 same weights and config bit for bit (one exception: an l2-normalised codebook goes to diffusers as unit
 codes, since diffusers does not normalise; it comes back normalised, the same codes to rounding). What the
-target cannot compute exactly is refused, naming it: ibq, fsq, lfq, simvq quantizers, a projection inside
+target cannot compute exactly is refused, naming it: ibq, fsq, lfq, simvq quantizers, msvq's multi-scale
+tokens (no equivalent in either), VAR's 3x3 quant_conv, a projection inside
 the quantizer (code_dim), attention outside the mid block (diffusers), another width or depth than
 VQ_models builds (LlamaGen).
 """
@@ -32,10 +33,8 @@ LLAMAGEN_USAGE_WINDOW = 65536  # LlamaGen's quantize.codebook_used buffer (show_
 def _common_checks(config: VQModelConfig, target: str) -> None:
     ae, q = config.autoencoder, config.quantizer
     if q.kind != "vq":
-        raise ConversionError(
-            f"quantizer kind {q.kind!r} does not export to {target}: its quantizer finds the nearest code by distance "
-            f"({'ibq picks the largest inner product, so its codes would decode but images would encode differently' if q.kind == 'ibq' else 'no lookup-free / scalar grid'}); "
-            f"only kind 'vq' (plain or l2-normalised) exports")
+        raise ConversionError(f"quantizer kind {q.kind!r} does not export to {target}: {_why_not_exported(q.kind, target)}; "
+                              f"only kind 'vq' (plain or l2-normalised) exports")
     if q.code_dim not in (None, q.dim):
         raise ConversionError(f"quantizer.code_dim={q.code_dim} (a projection inside the quantizer) has no place in "
                               f"{target}'s model; LlamaGen's layout puts the small code space in quant_conv "
@@ -48,6 +47,16 @@ def _common_checks(config: VQModelConfig, target: str) -> None:
     if ae.output != "pixels" or ae.downsample != "conv":
         raise ConversionError(f"autoencoder output={ae.output!r} / downsample={ae.downsample!r}: {target} has "
                               f"pixel outputs and conv downsampling only")
+
+
+def _why_not_exported(kind: str, target: str) -> str:
+    """Why a quantizer kind other than vq has no counterpart in the target's model."""
+    if kind == "msvq":
+        return (f"multi-scale residual tokens (VAR: one sequence of Σ s² ids over the scales, phi convs between them) "
+                f"have no equivalent there: {target}'s quantizer gives one id per latent position")
+    detail = ("ibq picks the largest inner product, so its codes would decode but images would encode differently"
+              if kind == "ibq" else "no lookup-free / scalar grid")
+    return f"its quantizer finds the nearest code by distance ({detail})"
 
 
 def diffusers_config(config: VQModelConfig) -> dict:

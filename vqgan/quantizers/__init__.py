@@ -1,5 +1,6 @@
 """Quantizer kinds behind one interface: every kind takes z (B, D, H, W), returns a QuantizerOutput
-with one index per position, and rebuilds the quantized tensor from indices (`indices_to_codes`).
+with one index per position (msvq: one sequence of Σ s² ids over its scales), and rebuilds the quantized
+tensor from indices (`indices_to_codes`).
 
     vq     nearest code, straight-through (VQ-VAE)                             vq.py
     simvq  frozen random codes times one learned linear map                    simvq.py
@@ -10,8 +11,8 @@ with one index per position, and rebuilds the quantized tensor from indices (`in
 
 Each kind is a few lines that choose its parts. The lookup kinds (vq, simvq, ibq): a stored codebook
 (codebooks.py), a search (search.py), a gradient estimator (estimators.py) and maintenance
-(maintenance.py), for the one forward in lookup.py; msvq chooses the same parts and runs them scale by scale (its own
-residual loop over that forward's pieces). The grid kinds (fsq, lfq): an implicit grid
+(maintenance.py), for the one forward in lookup.py; msvq chooses the same parts and adds only its scales,
+phi convs and residual loop (its own forward). The grid kinds (fsq, lfq): an implicit grid
 (grids.py) and a commitment weight, for the forward in rounding.py. Helpers: kmeans.py, entropy.py,
 product_entropy.py, distributed.py. Each kind has its
 config (config.py: VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig, MSVQConfig); QuantizerConfig is the flat

@@ -25,7 +25,9 @@ from vqgan.quantizers.entropy import histogram
 @dataclass
 class QuantizerOutput:
     quantized: Tensor  # same shape as the input, straight-through (or the kind's) gradient
-    indices: Tensor  # (B, H, W) for (B, D, H, W) input; (N,) for (N, D) input
+    # (B, H, W) for (B, D, H, W) input; (N,) for (N, D) input; msvq: (B, Σ s²), each scale's s x s grid row-major,
+    # coarse to fine (its split_scales / join_scales)
+    indices: Tensor
     loss: Tensor  # codebook + beta * commitment + entropy weight * entropy
     codebook_loss: Tensor  # ||sg[z] - e||^2, mean over elements; 0 with use_ema, fsq, lfq
     commitment_loss: Tensor  # ||z - sg[e]||^2, mean over elements, before beta
