@@ -351,11 +351,6 @@ class MSVQConfig(_Shared):
     def lookup_dim(self) -> int:
         return self.dim
 
-    @property
-    def tokens_per_image(self) -> int:
-        """Σ s² over the scales: the length of one image's id sequence."""
-        return sum(s * s for s in self.scales)
-
 
 KindConfig = Union[VQConfig, SimVQConfig, IBQConfig, FSQConfig, LFQConfig, MSVQConfig]
 KIND_CONFIGS: dict[str, type] = {"vq": VQConfig, "simvq": SimVQConfig, "ibq": IBQConfig, "fsq": FSQConfig,

@@ -89,7 +89,7 @@ class MultiScaleResidualQuantizer(CodebookQuantizer):
     @property
     def tokens_per_image(self) -> int:
         """Σ s_k²: the length of one image's id sequence."""
-        return self.config.tokens_per_image
+        return sum(s * s for s in self.scales)
 
     @property
     def scale_offsets(self) -> tuple[int, ...]:
