@@ -21,7 +21,8 @@ from vqgan.train_utils import evaluate_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The function vqgan-train calls every eval_every steps, on a seeded tiny model; prints what this process saw.
+# The function vqgan-train calls every eval_every steps, on a seeded tiny model; each process writes what it saw
+# to its own file (two ranks printing into one pipe can interleave their lines).
 WORKER = """
 import json, sys
 import torch
@@ -38,13 +39,15 @@ model.register_forward_hook(lambda module, args, output: seen.append(args[0].sha
 config = DataConfig(source=sys.argv[1], eval_split="train", image_size=32, cache_dir=sys.argv[2])
 loader = build_dataloader(config, "eval", batch_size=2, shuffle=False)
 metrics = evaluate_reconstruction(model, loader, accelerator)
-print("RESULT " + json.dumps({"rank": accelerator.process_index, "images": sum(seen), "metrics": metrics}), flush=True)
+result = {"rank": accelerator.process_index, "images": sum(seen), "metrics": metrics}
+with open(f"{sys.argv[3]}/result_{accelerator.num_processes}_{accelerator.process_index}.json", "w") as handle:
+    json.dump(result, handle)
 """
 
 
-def results(stdout: str) -> list[dict]:
-    lines = [json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")]
-    return sorted(lines, key=lambda r: r["rank"])
+def results(folder: Path, world: int) -> list[dict]:
+    """The result file of each process of a `world`-process run, by rank."""
+    return [json.loads((folder / f"result_{world}_{rank}.json").read_text()) for rank in range(world)]
 
 
 @pytest.mark.slow
@@ -52,7 +55,7 @@ def test_eval_is_sharded_and_equal_on_one_and_two_processes(tmp_path):
     write_images(tmp_path / "images", 7, shift=0.0, seed=0)  # 4 batches of 2, 2, 2, 1: uneven shares
     script = tmp_path / "eval_worker.py"
     script.write_text(WORKER)
-    args = [str(script), str(tmp_path / "images"), str(tmp_path / "hf_cache")]
+    args = [str(script), str(tmp_path / "images"), str(tmp_path / "hf_cache"), str(tmp_path)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -61,7 +64,7 @@ def test_eval_is_sharded_and_equal_on_one_and_two_processes(tmp_path):
               "--main_process_port", str(free_port())]
     two = subprocess.run([*launch, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    [single], double = results(one.stdout), results(two.stdout)
+    [single], double = results(tmp_path, 1), results(tmp_path, 2)
     assert single["images"] == 7 and single["metrics"]["num_images"] == 7
     assert [r["images"] for r in double] == [4, 3]  # each process encoded and decoded its own batches only
     # NOTE: exact equality, no tolerance: each image is computed in the same batch on 1 or 2 processes, and the
