@@ -55,6 +55,8 @@ class AutoencoderConfig:
     # aMUSEd's VQ-GAN has none (diffusers' `mid_block_add_attention=False`).
     mid_attention: bool = True
     gradient_checkpointing: bool = False  # recompute res/attn blocks in backward to save memory
+    # Kernel of quant_conv / post_quant_conv: 1 (taming), 3 (VAR's VQVAE, quant_conv_ks=3).
+    quant_conv_kernel: int = 1
 
     def __post_init__(self) -> None:
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
@@ -86,6 +88,8 @@ class AutoencoderConfig:
             raise ConfigError(f"output must be 'pixels' or 'categorical', got {self.output!r}")
         if self.downsample not in ("conv", "avg"):
             raise ConfigError(f"downsample must be 'conv' or 'avg', got {self.downsample!r}")
+        if self.quant_conv_kernel < 1 or self.quant_conv_kernel % 2 == 0:
+            raise ConfigError(f"quant_conv_kernel must be odd and >= 1 (1 or 3), got {self.quant_conv_kernel}")
 
     @property
     def downsample_factor(self) -> int:
@@ -279,9 +283,10 @@ class VQModel(nn.Module):
         self.config = config
         ae = config.autoencoder
         self.encoder = Encoder(ae)
-        self.quant_conv = nn.Conv2d(ae.z_channels, config.quantizer.dim, 1)
+        kernel = ae.quant_conv_kernel
+        self.quant_conv = nn.Conv2d(ae.z_channels, config.quantizer.dim, kernel, padding=kernel // 2)
         self.quantizer = build_quantizer(config.quantizer)  # the module of quantizer.kind
-        self.post_quant_conv = nn.Conv2d(config.quantizer.dim, ae.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.quantizer.dim, ae.z_channels, kernel, padding=kernel // 2)
         self.decoder = Decoder(ae)
         # Checking finiteness reads a flag back from the device (one host sync per call); a training
         # loop that already watches its loss for NaN may turn it off for speed.
@@ -358,6 +363,7 @@ class VQModel(nn.Module):
         return (
             f"VQModel {format_count(sum(parts.values()))} params ({counts}); f={self.downsample_factor}, "
             f"{ae.resolution}px -> {side}x{side} = {side * side} tokens, K={q.num_codes} ({q.kind}), output={ae.output}"
+            + (f"; msvq: {sum(s * s for s in q.scales)} ids over scales {list(q.scales)}" if q.kind == "msvq" else "")
         )
 
     def _check_images(self, images: Tensor) -> None:
@@ -384,6 +390,8 @@ class VQModel(nn.Module):
 
     def _check_indices(self, indices: Tensor) -> None:
         # The quantizer's indices_to_codes checks the value range [0, K); here only the layout.
+        if self.config.quantizer.kind == "msvq":  # (B, Σ s²), checked by the quantizer
+            return
         if not isinstance(indices, Tensor) or indices.ndim != 3:
             shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
             raise ValueError(f"expected indices of shape (B, h, w), got {shape}")

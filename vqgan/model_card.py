@@ -27,6 +27,7 @@ def model_card(config: Mapping[str, Any], onnx_image_size: tuple[int, int] | Non
         "",
         f"- codebook: K = {k} codes of dimension {d}",
         f"- downsampling factor f = {f}: a {size[0]}x{size[1]} image becomes {h}x{w} = {h * w} tokens",
+        *_multi_scale_line(config),
         "- images at the API: float in [0, 1] (or uint8), shape (B, 3, H, W), H and W multiples of f",
         f"- files: {CONFIG_NAME} (format {config['format_version']}), {WEIGHTS_NAME}"
         + "".join(f", {name}" for name in extra_files),
@@ -116,3 +117,13 @@ def _figure_name(name: str, setup: Any) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _multi_scale_line(config: Mapping[str, Any]) -> list[str]:
+    """msvq: the id sequence is Σ s² over the scales, not the latent grid."""
+    quantizer = config.get("model", {}).get("quantizer", {})
+    if quantizer.get("kind") != "msvq":
+        return []
+    scales = list(quantizer["scales"])
+    return [f"- multi-scale residual ids (VAR): one sequence of {sum(s * s for s in scales)} ids an image over "
+            f"scales {scales}, coarse to fine"]

@@ -36,6 +36,8 @@ class EncodeToIds(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         z = self.quant_conv(self.encoder(images_to_model_range(images)))  # (B, D, h, w)
+        if hasattr(self.quantizer, "export_lookup"):  # msvq: (B, Σ s²) ids, scale by scale
+            return self.quantizer.export_lookup(z)
         b, _, h, w = z.shape
         flat = rearrange(z, "b d h w -> (b h w) d")  # (N, D)
         # the kind's own search: argmin over K codes (vq, simvq), argmax z.e (ibq), arithmetic (fsq, lfq)
@@ -54,6 +56,9 @@ class IdsToImages(nn.Module):
         self.quantizer = model.quantizer
 
     def forward(self, ids: Tensor) -> Tensor:
+        if hasattr(self.quantizer, "export_codes"):  # msvq: (B, Σ s²) ids -> f̂
+            return images_from_model_range(self.model.to_images(self.model.decode_latent(
+                self.quantizer.export_codes(ids))).float())
         b, h, w = ids.shape
         codes = self.quantizer.codes_for(ids.reshape(-1))  # (N, c)
         if self.quantizer.project_out is not None:
@@ -69,6 +74,8 @@ def export_onnx(tokenizer: VQTokenizer, folder: str | Path, image_size: tuple[in
     height, width = image_size
     grid = tokenizer.grid_shape(height, width)  # validates divisibility
     images = torch.rand(2, tokenizer.config.autoencoder.in_channels, height, width, device=tokenizer.device)
+    if tokenizer.config.quantizer.kind == "msvq":  # one sequence of Σ s² ids an image
+        grid = (tokenizer.tokens_per_image(height, width),)
     ids = torch.randint(0, tokenizer.num_codes, (2, *grid), device=tokenizer.device)
     graphs = [
         (EncodeToIds(tokenizer), images, "images", "ids", folder / ONNX_FILES[0]),

@@ -180,6 +180,8 @@ class VQTokenizer(nn.Module):
 
     def tokens_per_image(self, height: int, width: int) -> int:
         h, w = self.grid_shape(height, width)
+        if self.config.quantizer.kind == "msvq":  # one id sequence of Σ s² over the scales
+            return self.model.quantizer.tokens_per_image
         return h * w
 
     @property
@@ -240,7 +242,9 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"ids must be a torch.Tensor (B, h, w), got {type(ids).__name__}")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor (int64), got dtype {ids.dtype}")
-        if ids.ndim != 3:
+        if self.config.quantizer.kind == "msvq":  # (B, Σ s²) sequences, checked by the quantizer
+            self.model.quantizer.split_scales(ids)
+        elif ids.ndim != 3:
             raise ValueError(f"ids must have shape (B, h, w), got {tuple(ids.shape)}"
                              + (" (add a batch dimension with ids[None])" if ids.ndim == 2 else ""))
         if ids.numel() == 0:

@@ -24,6 +24,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "ibq": ("vqgan.convert.ibq", "convert_ibq"),
     "llamagen": ("vqgan.convert.llamagen", "convert_llamagen"),
     "diffusers": ("vqgan.convert.diffusers_vq", "convert_diffusers"),
+    "var": ("vqgan.convert.var", "convert_var"),
 }
 
 

@@ -42,6 +42,9 @@ def _common_checks(config: VQModelConfig, target: str) -> None:
                               f"(quantizer.dim={q.code_dim} with no code_dim)")
     if q.affine_reparam:
         raise ConversionError(f"quantizer.affine_reparam has no place in {target}'s quantizer")
+    if ae.quant_conv_kernel != 1:
+        raise ConversionError(f"autoencoder.quant_conv_kernel={ae.quant_conv_kernel} (VAR's 3x3 quant_conv): "
+                              f"{target}'s quant_conv / post_quant_conv are 1x1")
     if ae.output != "pixels" or ae.downsample != "conv":
         raise ConversionError(f"autoencoder output={ae.output!r} / downsample={ae.downsample!r}: {target} has "
                               f"pixel outputs and conv downsampling only")

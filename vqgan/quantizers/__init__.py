@@ -6,6 +6,7 @@ with one index per position, and rebuilds the quantized tensor from indices (`in
     ibq    nearest code by inner product, softmax straight-through to every code   ibq.py
     fsq    bounded per-channel rounding to fixed levels         vqgan/quantizers/fsq.py
     lfq    sign bits, entropy penalty                           vqgan/quantizers/lfq.py
+    msvq   VAR's multi-scale residual codes, (B, Σ s²) ids       vqgan/quantizers/msvq.py
 """
 
 from vqgan.quantizers.base import Quantizer, QuantizerOutput
@@ -13,6 +14,7 @@ from vqgan.quantizers.config import KINDS, QuantizerConfig
 from vqgan.quantizers.fsq import FiniteScalarQuantizer
 from vqgan.quantizers.ibq import IndexBackpropQuantizer
 from vqgan.quantizers.lfq import LookupFreeQuantizer
+from vqgan.quantizers.msvq import MultiScaleResidualQuantizer
 from vqgan.quantizers.simvq import SimVQ
 from vqgan.quantizers.vq import VectorQuantizer
 
@@ -22,6 +24,7 @@ _BY_KIND: dict[str, type[Quantizer]] = {
     "ibq": IndexBackpropQuantizer,
     "fsq": FiniteScalarQuantizer,
     "lfq": LookupFreeQuantizer,
+    "msvq": MultiScaleResidualQuantizer,
 }
 assert set(_BY_KIND) == set(KINDS)
 
@@ -33,5 +36,6 @@ def build_quantizer(config: QuantizerConfig) -> Quantizer:
     return _BY_KIND[config.kind](config)
 
 
-__all__ = ["KINDS", "FiniteScalarQuantizer", "IndexBackpropQuantizer", "LookupFreeQuantizer", "Quantizer",
+__all__ = ["KINDS", "FiniteScalarQuantizer", "IndexBackpropQuantizer", "LookupFreeQuantizer", "MultiScaleResidualQuantizer",
+           "Quantizer",
            "QuantizerConfig", "QuantizerOutput", "SimVQ", "VectorQuantizer", "build_quantizer"]

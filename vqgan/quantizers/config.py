@@ -14,9 +14,9 @@ from typing import Literal
 # vq: nearest code (VQ-VAE). fsq: finite scalar quantization (Mentzer et al. 2023, arXiv:2309.15505).
 # lfq: lookup-free sign bits (MAGVIT-v2, Yu et al. 2023, arXiv:2310.05737). ibq: index backpropagation
 # (Shi et al. 2024, arXiv:2412.02692). simvq: frozen codes times a learned map (Zhu et al. 2024,
-# arXiv:2411.02038).
-KINDS = ("vq", "fsq", "lfq", "ibq", "simvq")
-Kind = Literal["vq", "fsq", "lfq", "ibq", "simvq"]
+# arXiv:2411.02038). msvq: multi-scale residual quantization (VAR, Tian et al. 2024, arXiv:2404.02905).
+KINDS = ("vq", "fsq", "lfq", "ibq", "simvq", "msvq")
+Kind = Literal["vq", "fsq", "lfq", "ibq", "simvq", "msvq"]
 
 # FSQ levels per channel when fsq_levels is not given and K is a power of two: as many 8s as fit,
 # then 4s for the remaining bits (the paper's table uses levels >= 5 and products that are not powers of two; a
@@ -38,7 +38,14 @@ _UNUSED: dict[str, tuple[str, ...]] = {
             "affine_lr", "sync_nu", "rotation_trick", "l2_normalize"),
     "fsq": VQ_ONLY + ("beta", "code_dim"),
     "lfq": VQ_ONLY + ("fsq_levels", "code_dim"),
+    # VAR's quantizer: a plain Euclidean codebook in the latent's own width (k-means init and restarts apply)
+    "msvq": ("fsq_levels", "entropy_group_bits", "code_dim", "l2_normalize", "use_ema", "ema_decay", "ema_epsilon",
+             "affine_reparam", "affine_lr", "sync_nu", "rotation_trick", "entropy_weight", "entropy_temperature",
+             "entropy_anneal_steps", "entropy_anneal_factor"),
 }
+MSVQ_ONLY = ("scales", "phi_ratio", "phi_sharing", "phi_count")
+for _kind in KINDS[:-1]:
+    _UNUSED[_kind] += MSVQ_ONLY
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,16 @@ class QuantizerConfig:
     rotation_trick: bool = False  # Fifty et al. 2024 (arXiv:2410.06424), instead of the plain STE
     usage_window: int = 65536  # codebook usage is measured over about this many recent indices
     chunk_size: int = 4096  # rows of any (rows, K) matrix computed at once
+    # msvq (VAR, arXiv:2404.02905, sec. 3.2): side of each scale's token grid, coarse to fine, Σ s² tokens an image
+    # (680 for VAR's ten scales); the last equals the latent's side (256 px / f16 = 16).
+    scales: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    # msvq: phi(h) = (1 - phi_ratio) h + phi_ratio conv3x3(h) on each scale's upsampled codes (VAR's quant_resi,
+    # 0.5 in its release); 0: identity, no convs.
+    phi_ratio: float = 0.5
+    # msvq: which scales share a phi conv (VAR's share_quant_resi): "partial" = phi_count convs, each scale taking
+    # the one nearest its position in [0, 1] (VAR's released tokenizer: 4); "shared" = one; "per_scale" = one each.
+    phi_sharing: Literal["partial", "shared", "per_scale"] = "partial"
+    phi_count: int = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -151,6 +168,21 @@ class QuantizerConfig:
                              f"got {self.num_codes}")
         if self.kind == "fsq":
             self._check_fsq()
+        if self.kind == "msvq":
+            self._check_msvq()
+
+    def _check_msvq(self) -> None:
+        scales = self.scales
+        if not scales or any(s < 1 for s in scales) or any(a >= b for a, b in zip(scales, scales[1:])):
+            raise ValueError(f"QuantizerConfig: scales must be strictly increasing positive grid sides "
+                             f"(e.g. [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]), got {list(scales)}")
+        if not 0.0 <= self.phi_ratio <= 1.0:
+            raise ValueError(f"QuantizerConfig: phi_ratio must be in [0, 1], got {self.phi_ratio}")
+        if self.phi_sharing not in ("partial", "shared", "per_scale"):
+            raise ValueError(f"QuantizerConfig: phi_sharing must be 'partial', 'shared' or 'per_scale', "
+                             f"got {self.phi_sharing!r}")
+        if self.phi_count < 1:
+            raise ValueError(f"QuantizerConfig: phi_count must be >= 1, got {self.phi_count}")
 
     def _check_fsq(self) -> None:
         if self.fsq_levels:
