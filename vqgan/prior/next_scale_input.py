@@ -132,3 +132,15 @@ class ResidualPyramidInput:
         side = self.scales[k]
         down = F.interpolate(f_hat, size=(side, side), mode="area")                     # (B, C, s_k, s_k)
         return rearrange(down, "b c h w -> b (h w) c")
+
+
+def check_inputs_fit(model, inputs: NextScaleInput) -> None:
+    """Refuse a NextScaleInput with other scales than the prior's (`model`: a VARPrior; a wrong code width
+    fails in its `embed`)."""
+    c = model.config
+    if not isinstance(inputs, NextScaleInput):
+        raise TypeError(f"{type(inputs).__name__} is not a NextScaleInput: it needs `scales` and "
+                        "`next_scale_input(ids_per_scale, k)` (vqgan.prior.next_scale_input)")
+    if tuple(inputs.scales) != c.scales:
+        raise ValueError(f"the tokenizer's next-scale input has scales {tuple(inputs.scales)}; the VAR prior "
+                         f"expects scales {c.scales}")

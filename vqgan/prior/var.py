@@ -32,6 +32,7 @@ from vqgan.prior.ids import check_id_range
 from vqgan.prior.next_scale_input import (
     VAR_SCALES,
     NextScaleInput,
+    check_inputs_fit,
     check_scales,
     scale_bounds,
     scale_levels,
@@ -40,6 +41,7 @@ from vqgan.prior.next_scale_input import (
 )
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.transformer import KVCache
+from vqgan.prior.var_sampling import sample_var
 
 
 @dataclass(frozen=True)
@@ -264,24 +266,12 @@ class VARPrior(nn.Module):
     def sample(self, n: int, labels=None, config: SamplingConfig = SamplingConfig(),
                generator: torch.Generator | None = None, inputs: NextScaleInput | None = None) -> Tensor:
         """n token pyramids (n, L) in len(scales) steps; see var_sampling.sample_var. `inputs`: the tokenizer's."""
-        from vqgan.prior.var_sampling import sample_var  # it imports this module
 
         if inputs is None:
             raise ValueError("the VAR prior samples through its tokenizer's NextScaleInput (the multi-scale "
                              "quantizer): pass inputs=")
         return sample_var(self, inputs, n, labels, config.temperature, config.top_k, config.top_p,
                           config.cfg_scale, generator, config.use_kv_cache)
-
-
-def check_inputs_fit(model: VARPrior, inputs: NextScaleInput) -> None:
-    """Refuse a NextScaleInput with other scales than the prior's (a wrong code width fails in `embed`)."""
-    c = model.config
-    if not isinstance(inputs, NextScaleInput):
-        raise TypeError(f"{type(inputs).__name__} is not a NextScaleInput: it needs `scales` and "
-                        "`next_scale_input(ids_per_scale, k)` (vqgan.prior.next_scale_input)")
-    if tuple(inputs.scales) != c.scales:
-        raise ValueError(f"the tokenizer's next-scale input has scales {tuple(inputs.scales)}; the VAR prior "
-                         f"expects scales {c.scales}")
 
 
 def next_scale_logits(model: VARPrior, inputs: NextScaleInput, ids: Tensor, labels: Tensor | None) -> Tensor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from vqgan.prior.next_scale_input import NextScaleInput, teacher_forcing_input
+from vqgan.prior.next_scale_input import NextScaleInput, check_inputs_fit, teacher_forcing_input
 from vqgan.prior.sampling import check_guidance, check_sampling_settings, guided_logits, labels_tensor, sample_from_logits
 
 if TYPE_CHECKING:
@@ -51,8 +51,6 @@ def sample_var(
     A class-conditional prior trained without class dropout has no usable null class: labels None and
     cfg_scale != 1 are then refused (check_null_class_trained).
     """
-    from vqgan.prior.var import check_inputs_fit
-
     cfg = model.config
     check_inputs_fit(model, inputs)
     check_sampling_settings(temperature, top_k, top_p, cfg.num_codes)
