@@ -212,14 +212,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     token_set, labels, metadata = prepare_tokens(config, accelerator)
     model_cfg = prior_config(config)
+    model = build_prior(config.prior, model_cfg)
     scale_inputs = None  # the next-scale prior reads its input at each scale from the tokenizer's msvq quantizer
     if config.prior == "var":
-        tokenizer, why = sample_tokenizer(config, metadata, device)
+        with torch.random.fork_rng(devices=[]):  # building the tokenizer draws init weights: leave the run's RNG be
+            tokenizer, why = sample_tokenizer(config, metadata, device)
         if tokenizer is None:
             raise DataError(f"prior: var needs the tokenizer that made the tokens (its multi-scale quantizer gives "
                             f"the prior's inputs): {why}; set tokens.tokenizer")
         scale_inputs = next_scale_inputs(tokenizer, model_cfg.input_dim)
-    model = build_prior(config.prior, model_cfg)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, loop.steps)
     loader = DataLoader(token_set, batch_size=loop.batch_size, shuffle=True, drop_last=len(token_set) >= loop.batch_size)
