@@ -40,11 +40,34 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+SCALES = [1, 2, 4, 8]  # the multi-scale tokenizer's: 85 ids an image
+
+
+@pytest.fixture(scope="module")
+def msvq_tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny preset with VAR's multi-scale quantizer (kind msvq), k-means-free so its codebook is random but fixed."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config = dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, kind="msvq",
+                                                                       scales=tuple(SCALES), kmeans_init=False))
+    folder = tmp_path_factory.mktemp("msvq") / "tokenizer"
+    VQTokenizer.from_model(VQModel(config).eval()).save_pretrained(folder)
+    return folder
+
+
+def model_section(prior: str) -> dict:
+    if prior == "var":  # the next-scale prior: the tokenizer's scales and latent width, no grid
+        return {"num_codes": 256, "scales": SCALES, "input_dim": 32, "dim": 32, "depth": 2, "heads": 2}
+    return {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2}
+
+
 def recipe(tmp_path: Path, tokenizer_dir: Path, prior: str = "transformer", **train) -> Path:
     data = {
         "run_dir": str(tmp_path / "run"),
         "prior": prior,
-        prior: {"num_codes": 256, "grid": [8, 8], "dim": 32, "depth": 2, "heads": 2},
+        prior: model_section(prior),
         "tokens": {"path": str(tmp_path / "tokens"), "tokenizer": str(tokenizer_dir), "data": DATA},
         "train": {"steps": 4, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5,
                   "tracker": "none", "progress_bar": False, "mixed_precision": "no", **train},
@@ -83,9 +106,9 @@ def test_prior_trains_from_images_and_samples(tmp_path, tokenizer_dir):
     assert meta["kind"] == "transformer" and prior.config.grid == (8, 8)
 
 
-@pytest.mark.parametrize("prior", ["transformer", "maskgit"])
-def test_prior_exact_resume(tmp_path, tokenizer_dir, prior):
-    path = recipe(tmp_path, tokenizer_dir, prior, steps=6, checkpoint_every=3)
+@pytest.mark.parametrize("prior", ["transformer", "maskgit", "var"])
+def test_prior_exact_resume(tmp_path, tokenizer_dir, msvq_tokenizer_dir, prior):
+    path = recipe(tmp_path, msvq_tokenizer_dir if prior == "var" else tokenizer_dir, prior, steps=6, checkpoint_every=3)
     first = run(path)
     last = tmp_path / "run" / "checkpoints" / "checkpoint-0000006"
     reference = load_file(last / "prior" / "model.safetensors")
@@ -100,6 +123,47 @@ def test_prior_exact_resume(tmp_path, tokenizer_dir, prior):
     model, meta = load_prior(tmp_path / "run" / "prior")
     assert meta["kind"] == prior and model.config.grid == (8, 8)
     assert len(list((tmp_path / "run" / "samples").glob("sample_*.png"))) == 4  # the final samples decode
+
+
+def test_var_prior_trains_on_multi_scale_tokens_and_samples(tmp_path, msvq_tokenizer_dir):
+    """Tokenization writes (n, sum s^2) rows with the scales; the next-scale prior trains on them through the
+    tokenizer's msvq quantizer and its samples decode into a grid, at the end of the run and with vqgan-sample."""
+    summary = run(recipe(tmp_path, msvq_tokenizer_dir, "var", steps=2))
+    dataset, meta = load_token_dataset(tmp_path / "tokens")
+    tokens, _ = token_dataset_tensors(dataset)
+    assert meta["scales"] == SCALES and meta["grid"] == [8, 8] and tokens.shape == (18, 85)
+    from vqgan.data import DataConfig, build_dataset
+    from vqgan.prior.data import open_token_grids
+    from vqgan.utils import images_from_model_range
+
+    images = torch.stack([build_dataset(DataConfig(**DATA), "train", seed=0)[i]["image"] for i in range(3)])
+    expected = VQTokenizer.from_pretrained(msvq_tokenizer_dir).encode(images_from_model_range(images))
+    assert expected.shape == (3, 85) and torch.equal(tokens[:3], expected)
+    grids, _, _ = open_token_grids(tmp_path / "tokens")  # what training reads: memory-mapped (L,) rows
+    assert torch.equal(grids[0][0], expected[0])
+
+    assert summary["step"] == 2 and summary["bits_per_token"] > 0
+    prior, meta = load_prior(tmp_path / "run" / "prior")
+    assert meta["kind"] == "var" and prior.config.scales == tuple(SCALES)
+    assert Image.open(summary["samples"]).size[0] > 32
+    sampled = torch.tensor(__import__("json").loads((tmp_path / "run" / "samples" / "tokens.json").read_text()))
+    assert sampled.shape == (4, 85)
+
+    out = tmp_path / "samples"
+    result = subprocess.run([sys.executable, "-m", "vqgan.cli.sample", str(tmp_path / "run" / "prior"), "--out",
+                             str(out), "--num-samples", "2", "--top-k", "10"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (out / "grid.png").is_file() and "(85,) tokens" in result.stdout
+
+
+def test_priors_refuse_the_wrong_token_layout_before_tokenizing(tmp_path, tokenizer_dir, msvq_tokenizer_dir):
+    with pytest.raises(ValueError, match=r"is multi-scale \(kind msvq, scales \[1, 2, 4, 8\]\).*set prior: var"):
+        run(recipe(tmp_path, msvq_tokenizer_dir))
+    with pytest.raises(ValueError, match=r"var.scales=\[1, 2, 4, 8\] but tokenizer .* has one grid \(kind vq\)"):
+        run(recipe(tmp_path, tokenizer_dir, "var"))
+    with pytest.raises(ValueError, match=r"var.scales=\[1, 2, 8\] but tokenizer .* has scales \[1, 2, 4, 8\]"):
+        run(recipe(tmp_path, msvq_tokenizer_dir, "var"), "var.scales=[1,2,8]")
+    assert not (tmp_path / "tokens").exists()
 
 
 def test_token_dataset_mismatch_is_a_clear_error(tmp_path, tokenizer_dir):

@@ -28,9 +28,10 @@ from vqgan.data import DataConfig
 from vqgan.errors import DataError
 from vqgan.optim import OptimConfig, apply_config_after_resume, build_optimizer, build_scheduler
 from vqgan.prior.data import check_token_dataset, open_token_grids
-from vqgan.prior.generate import generate_images, save_samples
+from vqgan.prior.generate import generate_images, next_scale_inputs, save_samples
 from vqgan.prior.io import build_prior, save_prior
 from vqgan.prior.maskgit import MaskGITConfig, masked_token_loss, training_mask
+from vqgan.prior.next_scale_input import NextScaleInput
 from vqgan.prior.pixelcnn import PixelCNNConfig
 from vqgan.prior.sampling import SamplingConfig
 from vqgan.prior.tokenize import check_tokenizer_fits_prior, tokenize_dataset
@@ -41,6 +42,7 @@ from vqgan.prior.tokenizer_identity import (
     tokenizer_record,
 )
 from vqgan.prior.transformer import TransformerConfig
+from vqgan.prior.var import VARConfig, next_scale_loss
 from vqgan.tokenizer import VQTokenizer
 from vqgan.training.batches import resumable_batches, restore_position
 from vqgan.training.checkpoint import resume, save_checkpoint, save_modules
@@ -104,10 +106,11 @@ class PriorLoopConfig:
 class PriorTrainConfig:
     run_dir: str = "runs/prior"
     seed: int = 0
-    prior: Literal["transformer", "pixelcnn", "maskgit"] = "transformer"
+    prior: Literal["transformer", "pixelcnn", "maskgit", "var"] = "transformer"
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
+    var: VARConfig = field(default_factory=VARConfig)  # next-scale prior over a kind=msvq tokenizer's tokens
     tokens: TokensConfig = field(default_factory=TokensConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=(0.9, 0.95)))
     train: PriorLoopConfig = field(default_factory=PriorLoopConfig)
@@ -115,7 +118,7 @@ class PriorTrainConfig:
     sample_labels: tuple[int, ...] = ()  # class ids of the final samples (cycled); () = every class in turn
 
 
-def prior_config(config: PriorTrainConfig) -> TransformerConfig | PixelCNNConfig | MaskGITConfig:
+def prior_config(config: PriorTrainConfig) -> TransformerConfig | PixelCNNConfig | MaskGITConfig | VARConfig:
     """The config section of the prior the recipe trains (`prior:` names it)."""
     return getattr(config, config.prior)
 
@@ -132,7 +135,7 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
         model_cfg = prior_config(config)
         # before anything is written: a mismatch found after tokenizing would leave a useless dataset behind
         check_tokenizer_fits_prior(tokens_cfg.tokenizer, tokens_cfg.data, model_cfg.num_codes, model_cfg.grid,
-                                   model_cfg.num_classes, prior=config.prior)
+                                   model_cfg.num_classes, prior=config.prior, scales=prior_scales(config))
         accelerator.print(f"tokenizing {tokens_cfg.data.source} [{tokens_cfg.split}] with {tokens_cfg.tokenizer}")
         tokenize_dataset(accelerator, tokens_cfg.tokenizer, tokens_cfg.data, tokens_cfg.path, tokens_cfg.split,
                          tokens_cfg.batch_size, tokens_cfg.hflip_rows, config.seed,
@@ -140,7 +143,7 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
     # memory-mapped when sharded (what tokenization writes): no int64 copy of the whole set per rank
     grids, labels, metadata = open_token_grids(tokens_cfg.path)
     model_cfg = prior_config(config)
-    check_token_dataset(metadata, model_cfg.num_codes, model_cfg.grid)
+    check_token_dataset(metadata, model_cfg.num_codes, model_cfg.grid, scales=prior_scales(config))
     if tokens_cfg.tokenizer:  # it decodes the samples: refuse before training, not after
         _, decoder = resolve_tokenizer(tokens_cfg.tokenizer)
         check_same_tokenizer(metadata, f"token dataset {tokens_cfg.path}", decoder,
@@ -155,6 +158,11 @@ def prepare_tokens(config: PriorTrainConfig, accelerator: Accelerator) -> tuple[
 
 
 MISMATCH_OVERRIDE = "tokens.allow_tokenizer_mismatch=true"
+
+
+def prior_scales(config: PriorTrainConfig) -> tuple[int, ...] | None:
+    """The next-scale prior's scale pyramid; None for the one-grid priors."""
+    return config.var.scales if config.prior == "var" else None
 
 
 def sample_tokenizer(config: PriorTrainConfig, metadata: dict[str, Any],
@@ -174,7 +182,7 @@ def sample_tokenizer(config: PriorTrainConfig, metadata: dict[str, Any],
 
 
 # Keys that change what a checkpoint's weights mean: a resume that changes one is refused.
-FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.", "maskgit.")
+FROZEN_KEYS = ("prior", "transformer.", "pixelcnn.", "maskgit.", "var.")
 
 
 def loss_figures(prior: str, bits: float, seq_len: int) -> dict[str, float]:
@@ -205,6 +213,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     token_set, labels, metadata = prepare_tokens(config, accelerator)
     model_cfg = prior_config(config)
     model = build_prior(config.prior, model_cfg)
+    scale_inputs = None  # the next-scale prior reads its input at each scale from the tokenizer's msvq quantizer
+    if config.prior == "var":
+        with torch.random.fork_rng(devices=[]):  # building the tokenizer draws init weights: leave the run's RNG be
+            tokenizer, why = sample_tokenizer(config, metadata, device)
+        if tokenizer is None:
+            raise DataError(f"prior: var needs the tokenizer that made the tokens (its multi-scale quantizer gives "
+                            f"the prior's inputs): {why}; set tokens.tokenizer")
+        scale_inputs = next_scale_inputs(tokenizer, model_cfg.input_dim)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, loop.steps)
     loader = DataLoader(token_set, batch_size=loop.batch_size, shuffle=True, drop_last=len(token_set) >= loop.batch_size)
@@ -224,9 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return done
     start_run(accelerator, config, run_dir, "prior")
     uniform_bits = math.log2(model_cfg.num_codes)
+    layout = f"scales {list(model_cfg.scales)}" if config.prior == "var" else f"{tuple(model_cfg.grid)}"
     accelerator.print(
         f"{config.prior} prior {format_count(count_parameters(raw_model))} params; {len(token_set)} grids of "
-        f"{tuple(model_cfg.grid)} = {model_cfg.seq_len} tokens, K={model_cfg.num_codes} (uniform prior: "
+        f"{layout} = {model_cfg.seq_len} tokens, K={model_cfg.num_codes} (uniform prior: "
         f"{uniform_bits:.2f} bits/token); effective batch {loop.batch_size * accelerator.num_processes * loop.grad_accum_steps}; "
         f"mixed precision {accelerator.mixed_precision}; run dir {run_dir}"
     )
@@ -247,12 +264,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for micro in range(loop.grad_accum_steps):
             batch = next(batches)
             seed_window(config.seed, state.batches_seen, accelerator.process_index)
-            grids = batch[0]  # (B, h, w)
+            grids = batch[0]  # (B, h, w); (B, L) multi-scale sequences for var
             batch_labels = batch[1] if labels is not None else None
             window_tokens += grids.numel() * accelerator.num_processes
             with gradient_sync(accelerator, micro == loop.grad_accum_steps - 1, model), accelerator.autocast():
                 loss = prior_step(model, grids, batch_labels, accelerator.backward, loop.grad_accum_steps,
-                                  masking=model_cfg if config.prior == "maskgit" else None)
+                                  masking=model_cfg if config.prior == "maskgit" else None,
+                                  scale_inputs=scale_inputs)
             nonfinite |= ~torch.isfinite(loss)
         flags = reduce_window_flags(accelerator, nonfinite)  # the window's one host sync
         if not settle_window(state, flags, loop.max_nonfinite_in_row, accelerator.print):
@@ -309,13 +327,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def prior_step(model: nn.Module, grids: torch.Tensor, labels: torch.Tensor | None,
                backward: Backward = plain_backward, accum_steps: int = 1,
-               masking: MaskGITConfig | None = None) -> torch.Tensor:
+               masking: MaskGITConfig | None = None, scale_inputs: NextScaleInput | None = None) -> torch.Tensor:
     """The training loss of (B, h, w) grids (nats/token); backward. -> the detached loss.
 
     Autoregressive priors: next-token cross-entropy. With `masking` (the MaskGIT prior's config): mask
     positions by its schedule and take the cross-entropy on the masked ones (not an NLL of the grid).
+    With `scale_inputs` (the next-scale prior's, from its tokenizer): grids are (B, L) multi-scale
+    sequences and the loss is VAR's cross-entropy over all L positions, each scale given the earlier ones.
     """
-    if masking is None:
+    if scale_inputs is not None:
+        loss = next_scale_loss(model, scale_inputs, grids, labels)
+    elif masking is None:
         logits = model(grids, labels)  # (B, K, h, w)
         loss = F.cross_entropy(logits.float(), grids)
     else:

@@ -3,7 +3,8 @@
     vqgan-sample runs/prior_quickstart/prior --out samples/ --num-samples 16 --temperature 0.9 --top-k 100
     vqgan-sample PRIOR --tokenizer TOKENIZER --labels 3 --cfg-scale 2.0 --top-p 0.95 --seed 1
 
-Writes grid.png, one sample_NNNN.png per sample and tokens.json. Temperature 0 is greedy decoding.
+Writes grid.png, one sample_NNNN.png per sample and tokens.json. Temperature 0 is greedy decoding. A next-scale
+(var) prior samples one scale a step through its multi-scale tokenizer; tokens.json then holds (N, sum s^2) ids.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (transformer)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance (transformer; var: ramped from 1 at the coarsest scale)")
     parser.add_argument("--labels", type=int, nargs="*", default=None, help="class id(s), cycled over the samples")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each step (reference path)")
     parser.add_argument("--steps", type=int, default=12, help="maskgit: parallel decoding steps")

@@ -1,5 +1,8 @@
 """Token datasets: the (h, w) grids a tokenizer produced, saved for training a prior.
 
+Multi-scale tokenizers (kind msvq) give each image one flat sequence of sum(s * s) ids, scale after scale:
+their rows are (L,) instead of (h, w), and the metadata says so with "scales" (`token_row_shape`).
+
 Two layouts on disk, both with `tokenizer.json` ({"num_codes", "grid", "tokenizer_hash", ...}) so that
 a prior refuses tokens from a tokenizer with another codebook size or grid:
 
@@ -64,6 +67,14 @@ def check_token_dataset(metadata: dict[str, Any], num_codes: int, grid: Sequence
         )
 
 
+def token_row_shape(metadata: dict[str, Any]) -> tuple[int, ...]:
+    """The shape of one row of a token set: (h, w) for one grid, (sum s * s,) for a multi-scale set ("scales")."""
+    scales = [int(s) for s in metadata.get("scales") or ()]
+    if len(scales) > 1:
+        return (sum(s * s for s in scales),)
+    return tuple(int(s) for s in metadata["grid"])
+
+
 def save_token_dataset(
     path: str | Path, tokens: Tensor, labels: Tensor | Sequence[int] | None, metadata: dict[str, Any]
 ) -> None:
@@ -124,7 +135,8 @@ def load_token_dataset(path: str | Path) -> tuple[datasets.Dataset, dict[str, An
         grids = TokenGrids(path, metadata)
         tokens = torch.from_numpy(grids.tokens_in_order().astype(np.int32))
         columns: dict[str, Any] = {"tokens": tokens.tolist()}
-        features = {"tokens": datasets.List(datasets.List(datasets.Value("int32")))}
+        row = datasets.Value("int32") if tokens.dim() == 2 else datasets.List(datasets.Value("int32"))
+        features = {"tokens": datasets.List(row)}
         if grids.labels is not None:
             columns["label"], features["label"] = grids.labels[grids.order].tolist(), datasets.Value("int64")
         return datasets.Dataset.from_dict(columns, features=datasets.Features(features)), metadata
@@ -161,8 +173,9 @@ def write_token_shard(folder: str | Path, rank: int, part: int, tokens: np.ndarr
     """Write one process's chunk of grids into `folder` (each file renamed into place whole); -> its entry."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if tokens.ndim != 3 or keys.shape != (tokens.shape[0],):
-        raise ValueError(f"tokens must be (n, h, w) with n keys, got {tokens.shape} and {keys.shape}")
+    if tokens.ndim not in (2, 3) or keys.shape != (tokens.shape[0],):
+        raise ValueError(f"tokens must be (n, h, w) grids or (n, L) multi-scale sequences with n keys, got "
+                         f"{tokens.shape} and {keys.shape}")
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= num_codes):
         raise ValueError(f"token ids must lie in [0, {num_codes}), got [{int(tokens.min())}, {int(tokens.max())}]")
     stem = shard_stem(rank, part)
@@ -195,7 +208,8 @@ def finish_token_shards(folder: str | Path, entries: list[dict[str, Any]], metad
 
 
 class TokenGrids(Dataset):
-    """Memory-mapped sharded token set: item i = ((h, w) long tokens,) or (tokens, label), in source order.
+    """Memory-mapped sharded token set: item i = ((h, w) long tokens,) or (tokens, label), in source order;
+    ((L,) tokens,) for a multi-scale set (`token_row_shape`).
 
     Nothing is read until indexed; `__getitems__` reads a whole batch with one fancy index per shard.
     Row i is the i-th in key order (source row, then its flipped copy), whatever the number of
@@ -208,6 +222,7 @@ class TokenGrids(Dataset):
         self.metadata = metadata or json.loads((self.path / METADATA_FILE).read_text())
         if self.metadata.get("format") != SHARDED_FORMAT:
             raise ValueError(f"{path} is not a sharded token dataset (format {self.metadata.get('format')!r})")
+        self.row_shape = token_row_shape(self.metadata)
         self.tokens, labels, keys = [], [], []
         for entry in self.metadata["shards"]:
             stem = entry["stem"]
@@ -216,9 +231,9 @@ class TokenGrids(Dataset):
             if absent:
                 raise FileNotFoundError(f"token dataset {path} is incomplete: {absent[0]} is missing")
             grid = np.load(files[0], mmap_mode="r")
-            if grid.shape[0] != entry["rows"] or list(grid.shape[1:]) != list(self.metadata["grid"]):
+            if grid.shape[0] != entry["rows"] or tuple(grid.shape[1:]) != self.row_shape:
                 raise ValueError(f"{files[0]} holds {grid.shape}, its index says {entry['rows']} rows of "
-                                 f"{self.metadata['grid']}")
+                                 f"{list(self.row_shape)}")
             self.tokens.append(grid)
             keys.append(np.load(files[1]))
             if entry["labels"]:
@@ -232,8 +247,8 @@ class TokenGrids(Dataset):
         return int(self.offsets[-1])
 
     def _rows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), h, w) grids of physical rows, read shard by shard."""
-        out = np.empty((len(rows), *self.metadata["grid"]), dtype=np.int64)
+        """(len(rows), *row_shape) grids of physical rows, read shard by shard."""
+        out = np.empty((len(rows), *self.row_shape), dtype=np.int64)
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for shard in np.unique(shard_of):
             where = np.nonzero(shard_of == shard)[0]

@@ -274,8 +274,12 @@ def sample_prior(
     config: SamplingConfig,
     labels: int | Sequence[int] | Tensor | None = None,
     generator: torch.Generator | None = None,
+    inputs=None,
 ) -> Tensor:
-    """config.num_samples grids (N, h, w) in batches of config.batch_size; seeded from config if no generator."""
+    """config.num_samples grids (N, h, w) in batches of config.batch_size; seeded from config if no generator.
+
+    `inputs`: the next-scale prior's NextScaleInput (its tokenizer's msvq quantizer); it then gives (N, L) sequences.
+    """
     generator = generator if generator is not None else generator_from_config(config)
     if labels is not None and not isinstance(labels, int):
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
@@ -286,5 +290,6 @@ def sample_prior(
     for begin in range(0, config.num_samples, config.batch_size):
         n = min(config.batch_size, config.num_samples - begin)
         batch_labels = labels if labels is None or isinstance(labels, int) else labels[begin : begin + n]
-        chunks.append(model.sample(n, batch_labels, config, generator))
+        extra = {} if inputs is None else {"inputs": inputs}
+        chunks.append(model.sample(n, batch_labels, config, generator, **extra))
     return torch.cat(chunks)

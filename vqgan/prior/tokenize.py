@@ -56,13 +56,15 @@ def _tokenizer_config_file(tokenizer_path: str | Path) -> Path:
 
 
 def check_tokenizer_fits_prior(tokenizer_path: str, data: DataConfig, num_codes: int, grid: Sequence[int],
-                               num_classes: int, *, prior: str = "transformer") -> None:
+                               num_classes: int, *, prior: str = "transformer",
+                               scales: Sequence[int] | None = None) -> None:
     """Raise ValueError naming the recipe keys when tokenizing `data` would give tokens the prior cannot use.
 
     Reads only the tokenizer's config.json (no weights), so a run fails in seconds instead of after
     tokenizing a whole dataset. `prior` is the recipe section of the prior ("transformer" / "pixelcnn").
     Checks K (codebook size = prior's num_codes), the grid (data.image_size / downsampling factor, the
-    crops being square) and that a class-conditional prior will get labels.
+    crops being square), that a class-conditional prior will get labels, and the scale layout: `scales` (the
+    next-scale prior's) must be the multi-scale tokenizer's, and None (a one-grid prior) needs a one-grid tokenizer.
     """
     config, _ = read_tokenizer_config(_tokenizer_config_file(tokenizer_path))
     k, f, size = config.quantizer.num_codes, config.downsample_factor, data.image_size
@@ -81,6 +83,14 @@ def check_tokenizer_fits_prior(tokenizer_path: str, data: DataConfig, num_codes:
             fix += f" or tokens.data.image_size={grid[0] * f}"
         problems.append(f"{prior}.grid={list(grid)} but tokens.data.image_size={size} / f={f} of tokenizer "
                         f"{tokenizer_path} gives a {side}x{side} grid: {fix}")
+    multi_scale = tuple(config.quantizer.scales) if config.quantizer.kind == "msvq" else None
+    if scales is not None and multi_scale != tuple(scales):
+        problems.append(f"{prior}.scales={list(scales)} but tokenizer {tokenizer_path} has "
+                        + (f"scales {list(multi_scale)}: set {prior}.scales={list(multi_scale)}" if multi_scale else
+                           f"one grid (kind {config.quantizer.kind}): the next-scale prior needs a kind=msvq tokenizer"))
+    if scales is None and multi_scale is not None:
+        problems.append(f"tokenizer {tokenizer_path} is multi-scale (kind msvq, scales {list(multi_scale)}): "
+                        f"a one-grid prior cannot read its tokens; set prior: var")
     if num_classes > 0 and not data.label_column:
         problems.append(f"{prior}.num_classes={num_classes} but tokens.data.label_column is not set, so the "
                         f"tokens would have no labels: set tokens.data.label_column (e.g. label) or "
@@ -164,6 +174,8 @@ def tokenize_dataset(
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, num_workers=source.rows_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     h, w = tokenizer.grid_shape(data.image_size, data.image_size)
+    # msvq: each row is one flat sequence of sum(s * s) ids, scale after scale (vqgan.prior.data.token_row_shape)
+    scales = list(tokenizer.model.quantizer.scales) if tokenizer.config.quantizer.kind == "msvq" else None
     out_path = Path(out_path).absolute()
     partial = out_path.parent / f".{out_path.name}.partial"
     if accelerator.is_main_process:
@@ -181,7 +193,8 @@ def tokenize_dataset(
     entries = gather_object(entries)
     skipped = gather_object(skipped)
     num_rows = sum(e["rows"] for e in entries)
-    metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], **identity.metadata(),
+    metadata = {"num_codes": tokenizer.num_codes, "grid": [h, w], **({"scales": scales} if scales else {}),
+                **identity.metadata(),
                 "encode_precision": precision, "source": data.source, "split": split, "hflip_rows": hflip_rows,
                 "num_rows": num_rows, "skipped_files": len(skipped)}
     accelerator.wait_for_everyone()
@@ -251,7 +264,7 @@ def _encode_rows(accelerator: Accelerator, tokenizer: VQTokenizer, loader: DataL
         variants = [(0, images)] + ([(1, images.flip(-1))] if hflip_rows else [])
         for flipped, view in variants:
             with encoder_precision(precision, device):
-                codes = tokenizer.encode(view)  # (B, h, w)
+                codes = tokenizer.encode(view)  # (B, h, w), or (B, sum s * s) for msvq
             keys.append((2 * row_keys + flipped).numpy())
             grids.append(codes.to(torch.int32).cpu().numpy())
             labels.append(np.array([-1 if label is None else label for label in batch["labels"]], dtype=np.int64))
