@@ -352,31 +352,16 @@ def test_codebook_state_is_identical_on_two_processes(tmp_path):
 def test_two_process_accelerate_training_keeps_every_weight_identical(tmp_path):
     """The user's path: `accelerate launch --multi_gpu --num_processes 2` on the quickstart's tiny model with
     the documented msvq scales; k-means on gathered residuals, restarts, DDP: both ranks end bit-identical."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from test_train import DDP_WRAPPER, ROOT, tiny_recipe, write_recipe
+    from test_train import assert_ranks_identical, tiny_recipe, train_on_two_ranks
 
     recipe = tiny_recipe(tmp_path / "run", train={"steps": 3, "checkpoint_every": 3},
                          model={"preset": "tiny", "quantizer": {"kind": "msvq", "num_codes": 64,
                                                                 "scales": [1, 2, 3, 4, 6, 8], "dead_code_threshold": 1}})
-    wrapper = tmp_path / "ddp_wrapper.py"
-    wrapper.write_text(DDP_WRAPPER)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29523",
-               str(wrapper), str(write_recipe(tmp_path, recipe))]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_on_two_ranks(tmp_path, recipe)
     root = tmp_path / "run" / "checkpoints"
-    for model_index in (0, 1):  # generator (codebook, phi convs), discriminator
-        a = load_file(root / f"rank0_model{model_index}_step3.safetensors")
-        b = load_file(root / f"rank1_model{model_index}_step3.safetensors")
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"model {model_index} {key} differs between ranks"
+    assert_ranks_identical(root, step=3)  # generator (codebook, phi convs), discriminator
     generator = load_file(root / "rank0_model0_step3.safetensors")
     assert bool(generator["quantizer.initialized"]) and int(generator["quantizer.step"]) == 3
     assert int(generator["quantizer.seen"]) == 3 * 2 * 4 * (1 + 4 + 9 + 16 + 36 + 64)  # both ranks' ids counted

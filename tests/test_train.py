@@ -182,6 +182,31 @@ train.main(sys.argv[1:])
 """
 
 
+def train_on_two_ranks(tmp_path: Path, recipe: dict) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2` of vqgan.train on `recipe` under DDP_WRAPPER (each rank
+    dumps its modules at every checkpoint); fails the test on a non-zero exit."""
+    from test_fid_distributed import free_port
+
+    wrapper = tmp_path / "ddp_wrapper.py"
+    wrapper.write_text(DDP_WRAPPER)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(wrapper), str(write_recipe(tmp_path, recipe))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_ranks_identical(checkpoints: Path, step: int) -> None:
+    """Every tensor of the generator (0) and the discriminator (1) that the two ranks dumped at `step` is equal."""
+    for model_index in (0, 1):
+        a = load_file(checkpoints / f"rank0_model{model_index}_step{step}.safetensors")
+        b = load_file(checkpoints / f"rank1_model{model_index}_step{step}.safetensors")
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"model {model_index} {key} differs between ranks"
+
+
 @pytest.mark.slow
 def test_two_process_ddp_keeps_codebooks_and_weights_identical(tmp_path):
     recipe = tiny_recipe(
@@ -190,22 +215,11 @@ def test_two_process_ddp_keeps_codebooks_and_weights_identical(tmp_path):
                                                "dead_code_threshold": 1}},
         train={"steps": 3, "checkpoint_every": 3},
     )
-    wrapper = tmp_path / "ddp_wrapper.py"
-    wrapper.write_text(DDP_WRAPPER)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-               str(wrapper), str(write_recipe(tmp_path, recipe))]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = train_on_two_ranks(tmp_path, recipe)
     recipe_path = tmp_path / "recipe.yaml"
-    assert result.returncode == 0, result.stderr[-4000:]
     assert "2 processes" in result.stdout
     root = tmp_path / "run" / "checkpoints"
-    for model_index in (0, 1):  # generator (with its EMA codebook), discriminator
-        a = load_file(root / f"rank0_model{model_index}_step3.safetensors")
-        b = load_file(root / f"rank1_model{model_index}_step3.safetensors")
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"model {model_index} {key} differs between ranks"
+    assert_ranks_identical(root, step=3)  # generator (with its EMA codebook), discriminator
     generator = load_file(root / "rank0_model0_step3.safetensors")
     assert bool(generator["quantizer.initialized"])  # k-means ran (on gathered data, broadcast)
     assert int(generator["quantizer.step"]) == 3 and generator["quantizer.cluster_size"].sum() > 0  # EMA updated
