@@ -352,9 +352,10 @@ def small_recipe(scale: Scale, run_dir: Path, quantizer: dict, loss: dict, train
 KILLER = """
 import os, signal, sys
 import vqgan.train as trainer
+from vqgan.training import tokenizer_step
 
 kill_window, seen = int(os.environ.get("GPU_ACCEPTANCE_KILL_WINDOW", "0")), [0]
-original = trainer.reduce_window_flags
+original = tokenizer_step.reduce_window_flags
 
 def reduce_or_die(*args, **kwargs):
     seen[0] += 1
@@ -362,7 +363,7 @@ def reduce_or_die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 
-trainer.reduce_window_flags = reduce_or_die
+tokenizer_step.reduce_window_flags = reduce_or_die
 trainer.main(sys.argv[1:])
 """
 
