@@ -234,6 +234,36 @@ def test_guided_step_mixes_conditional_and_null_logits_with_the_ramp_weight():
         torch.testing.assert_close(mixed, want.flatten(0, 1), rtol=0, atol=1e-12)
 
 
+def test_var_readme_settings_translate_exactly_cfg_1_5_is_cfg_scale_2_5_and_top_k_then_top_p():
+    """recipes/prior_imagenet256_var.yaml samples with VAR's FID settings (cfg 1.5, top-k 900, top-p 0.96) as
+    cfg_scale 2.5: VAR's step (FoundationVision/VAR 78b9539, models/var.py autoregressive_infer_cfg) mixes
+    (1 + t) cond - t uncond with t = cfg * si / (num_scales - 1), and helpers.sample_with_top_k_top_p_ drops
+    what is below the k-th logit, then, over what is left, every token whose ascending cumulative mass is
+    <= 1 - top_p. Both written out here from that description and compared with ours."""
+    from vqgan.prior.sampling import filter_logits, guided_logits
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 6, 64, generator=g, dtype=torch.float64)
+    var_cfg, num_scales = 1.5, 10
+    for si, weight in enumerate(guidance_weights(1 + var_cfg, num_scales)):
+        t = var_cfg * si / (num_scales - 1)
+        torch.testing.assert_close(guided_logits(torch.cat([cond, uncond]), 6, weight), (1 + t) * cond - t * uncond,
+                                   rtol=0, atol=1e-12)
+
+    def var_filter(logits, top_k, top_p):
+        logits = logits.clone()
+        logits[logits < logits.topk(top_k, dim=-1)[0].amin(dim=-1, keepdim=True)] = -torch.inf
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False
+        return logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+
+    logits = 3 * torch.randn(32, 4096, generator=g, dtype=torch.float64)
+    for top_k, top_p in [(900, 0.96), (900, 0.95), (50, 0.5)]:
+        assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p)),
+                           torch.isfinite(var_filter(logits, top_k, top_p)))
+
+
 def test_top_k_one_is_greedy_per_token():
     model, inputs = tiny_var(), tiny_inputs()
     ids = sample_var(model, inputs, 2, [0, 1], top_k=1, generator=torch.Generator().manual_seed(0))
